@@ -327,18 +327,28 @@ def select(costs, shapes, structure, target):
     (m, n_in) per layer; counts are exact: 1 per weight, 2 per 2:4 group, and in a layer with
     r rows and c columns removed, r n + c m - r c. Returns one bool tensor per layer."""
     dev = costs[0].device
-    flat = torch.cat([c.to(dev) for c in costs])
-    order = flat.argsort()
-    if structure == "rowcol":
-        gain = _rowcol_gains(order, shapes, dev)
-    else:
-        gain = torch.full_like(order, 1 if structure == "unstructured" else 2)
-    done = gain.cumsum(0)
-    k = min(len(flat), int((done < target).sum()) + (target > 0))
-    k = max(k, int((flat < 0).sum()))                         # already removed stay removed
-    taken = torch.zeros(len(flat), dtype=torch.bool, device=dev)
-    taken[order[:k]] = True
+    flat = torch.cat([c.to(dev, torch.float32) for c in costs])
+    forced = int((flat < 0).sum())                           # already removed stay removed
+    if structure == "rowcol":                                # few candidates: sort them all
+        order = flat.argsort()
+        done = _rowcol_gains(order, shapes, dev).cumsum(0)
+        k = max(forced, min(len(flat), int((done < target).sum()) + (target > 0)))
+        taken = torch.zeros(len(flat), dtype=torch.bool, device=dev)
+        taken[order[:k]] = True
+    else:                                                    # fixed count: the k smallest
+        k = max(forced, min(len(flat), math.ceil(target / (1 if structure == "unstructured" else 2))))
+        taken = _k_smallest(flat, k)
     return list(taken.split([len(c) for c in costs]))
+
+
+def _k_smallest(x, k):
+    if k == 0:
+        return torch.zeros_like(x, dtype=torch.bool)
+    kth = x.kthvalue(k).values
+    taken = x < kth
+    ties = (x == kth).nonzero()[:k - int(taken.sum()), 0]
+    taken[ties] = True
+    return taken
 
 
 def _rowcol_gains(order, shapes, dev):
@@ -400,8 +410,9 @@ def overall_sparsity(layers: dict[str, nn.Linear]) -> float:
     return zeros / sum(layer.weight.numel() for layer in layers.values())
 
 
-def check(settings: Settings, layers, batches):
-    """Raise ValueError for anything that would fail later, before a weight is touched."""
+def check(settings: Settings, layers=None, batches=None):
+    """Raise ValueError for anything that would fail later, before a weight is touched. Without
+    layers and batches, checks the settings alone."""
     s = settings
     if s.structure not in STRUCTURES:
         raise ValueError(f"structure must be one of {STRUCTURES}, got {s.structure!r}")
@@ -411,15 +422,16 @@ def check(settings: Settings, layers, batches):
         raise ValueError(f"sparsity must be in [0, 1), got {s.sparsity}")
     if s.shots < 1 or s.max_correlate < 1 or s.damp_a < 0 or s.damp_g < 0:
         raise ValueError("shots and max_correlate must be >= 1, damping >= 0")
+    if s.structure == "2:4" and s.sparsity > 0.5:
+        raise ValueError(f"2:4 removes at most half of the weights; sparsity {s.sparsity} "
+                         "cannot be met")
+    if layers is None:
+        return
     if not layers:
         raise ValueError("the model has no prunable nn.Linear layers")
-    if s.structure == "2:4":
-        if s.sparsity > 0.5:
-            raise ValueError(f"2:4 removes at most half of the weights; sparsity {s.sparsity} "
-                             "cannot be met")
-        odd = [name for name, layer in layers.items() if layer.in_features % 4]
-        if odd:
-            raise ValueError(f"2:4 needs input widths divisible by 4; not so for {odd[:3]}")
+    odd = [name for name, layer in layers.items() if layer.in_features % 4]
+    if s.structure == "2:4" and odd:
+        raise ValueError(f"2:4 needs input widths divisible by 4; not so for {odd[:3]}")
     if s.method != "magnitude" and s.sparsity > 0 and len(batches) == 0:
         raise ValueError("calibration data is empty")
 

@@ -1,0 +1,150 @@
+"""End-to-end tests of run_opt.py on tiny random OPT and Llama models with a word-level tokenizer,
+all written to a temp folder: no downloads."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import (LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM,
+                          PreTrainedTokenizerFast)
+
+import run_opt
+import surgeon
+
+WORDS = ("the of and to a in is that it was for on are as with his they at be this from have "
+         "or by one had not but what all were when we there can an your which their said if do "
+         "will each about how up out them then she many some so these would other into has more "
+         "her two like him see time could no make than first been its who now people my made "
+         "over did down only way find use may water long little very after words called just "
+         "where most know get through back much before go good new write our used me man too "
+         "any day same right look think also around another came come work three word must "
+         "because does part even place well such here take why things help put years different "
+         "away again off went old number great tell men say small every found still between "
+         "name should home big give air line set own under read last never us left end along "
+         "while might next sound below saw something thought both few those always looked show "
+         "large often together asked house world going want school important until form food "
+         "keep children feet land side without boy once animals life enough took sometimes four "
+         "head above kind began almost live page got earth need far hand high year mother light "
+         "parts country father let night following picture being study second eyes soon times "
+         "story boys since white days ever paper hard near sentence better best across during "
+         "today others however sure means knew try told young miles sun ways thing whole hear "
+         "example heard several change answer room sea against top turned learn point city play "
+         "toward five using himself usually").split()
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A word-level tokenizer, tiny OPT and Llama folders, and train/test text."""
+    root = tmp_path_factory.mktemp("run_opt")
+    vocab = {w: i for i, w in enumerate(["<unk>", "</s>"] + WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>")
+    torch.manual_seed(0)
+    opt = OPTForCausalLM(OPTConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=2,
+                                   ffn_dim=32, num_attention_heads=2, max_position_embeddings=64,
+                                   word_embed_proj_dim=16))
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=len(vocab), hidden_size=16,
+                                         intermediate_size=32, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=1,
+                                         max_position_embeddings=64))
+    for name, model in (("opt", opt), ("llama", llama)):
+        model.save_pretrained(root / name)
+        tokenizer.save_pretrained(root / name)
+    gen = torch.Generator().manual_seed(0)
+    for split, n in (("train", 3000), ("test", 800)):
+        picks = torch.randint(0, len(WORDS), (n,), generator=gen).tolist()
+        (root / f"{split}.txt").write_text(" ".join(WORDS[i] for i in picks))
+    (root / "short.txt").write_text("the of and")
+    return root
+
+
+def args_for(files, model="opt", *extra):
+    return ["--model", str(files / model), "--train-file", str(files / "train.txt"),
+            "--test-file", str(files / "test.txt"), "--nsamples", "4", "--seqlen", "32",
+            "--eval-windows", "4", "--shots", "2", "--device", "cpu", *extra]
+
+
+@pytest.mark.parametrize("model,structure,sparsity", [
+    ("opt", "rowcol", "0.3"), ("llama", "rowcol", "0.2"), ("opt", "unstructured", "0.5"),
+    ("llama", "2:4", "0.5"), ("llama", "unstructured", "0.4")])
+def test_end_to_end(files, tmp_path, capsys, model, structure, sparsity):
+    out, saved = tmp_path / "record.json", tmp_path / "pruned"
+    record = run_opt.main(args_for(files, model, "--structure", structure, "--sparsity", sparsity,
+                                   "--eval-every-shot", "--json", str(out), "--save", str(saved)))
+    printed = capsys.readouterr().out
+    assert "dense perplexity:" in printed and "-> pruned" in printed
+    assert "sparsity per layer" in printed
+    on_disk = json.loads(out.read_text())
+    for key in ("ppl_dense", "ppl_pruned", "sparsity", "layers", "seconds", "peak_memory_mb",
+                "settings", "versions", "shots"):
+        assert key in on_disk, key
+    assert on_disk["settings"]["structure"] == structure
+    assert all(math_ok(s["ppl"]) for s in on_disk["shots"]) and len(on_disk["shots"]) == 2
+    assert set(on_disk["seconds"]) >= {"load", "data", "eval_dense", "prune", "eval_pruned", "save"}
+    layers = surgeon.prunable_layers(run_opt.load(str(files / model), "cpu")[0])
+    widest = max(max(l.weight.shape) for l in layers.values())
+    total = sum(l.weight.numel() for l in layers.values())
+    slack = {"unstructured": 1, "2:4": 2, "rowcol": widest}[structure] / total
+    target = round(float(sparsity) * total) / total
+    assert target <= record["sparsity"] < target + slack
+    # the saved folder reloads with the same zeros and the same perplexity
+    again = run_opt.main(["--model", str(saved), "--sparsity", "0", "--test-file",
+                          str(files / "test.txt"), "--seqlen", "32", "--eval-windows", "4",
+                          "--device", "cpu"])
+    assert again["ppl_dense"] == pytest.approx(record["ppl_pruned"], rel=1e-5)
+    assert again["sparsity"] == pytest.approx(record["sparsity"])
+    assert again["layers"] == pytest.approx(record["layers"])
+
+
+def math_ok(x):
+    return x == x and x < float("inf")
+
+
+def test_magnitude_needs_no_calibration_text(files, capsys):
+    record = run_opt.main(["--model", str(files / "opt"), "--test-file", str(files / "test.txt"),
+                           "--seqlen", "32", "--eval-windows", "2", "--method", "magnitude",
+                           "--structure", "unstructured", "--sparsity", "0.5", "--shots", "1"])
+    assert record["sparsity"] == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--sparsity", "1.5"], "sparsity must be in [0, 1)"),
+    (["--structure", "blocks"], "invalid choice"),
+    (["--structure", "2:4", "--sparsity", "0.7"], "2:4 removes at most half"),
+    (["--seqlen", "100"], "longer than the model's context (64)"),
+    (["--train-file", "{root}/nope.txt"], "cannot read"),
+    (["--train-file", "{root}/short.txt"], "fewer than one calibration window"),
+    (["--test-file", "{root}/short.txt"], "fewer than one evaluation window"),
+    (["--model", "{root}/nope"], "pass a local folder with --model"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(files, tmp_path, capsys, extra, message):
+    extra = [e.format(root=files) for e in extra]
+    saved = tmp_path / "never"
+    with pytest.raises(SystemExit) as exit:
+        run_opt.main(args_for(files, "opt", "--save", str(saved), *extra))
+    assert exit.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    assert not saved.exists()
+
+
+def test_unreachable_hub_says_how_to_go_offline(files, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(SystemExit):
+        run_opt.main(["--model", "facebook/opt-nonexistent-125m", "--sparsity", "0"])
+    err = capsys.readouterr().err
+    assert "cannot load model 'facebook/opt-nonexistent-125m'" in err and "local folder" in err
+
+
+def test_command_line_exits_cleanly_without_traceback(files):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    bad = subprocess.run([sys.executable, "run_opt.py", *args_for(files, "opt", "--sparsity", "2")],
+                         capture_output=True, text=True, env=env,
+                         cwd=os.path.dirname(os.path.abspath(__file__)))
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert bad.stderr.strip().splitlines() == ["error: argument --sparsity: sparsity must be in "
+                                               "[0, 1), got 2"]
