@@ -316,6 +316,7 @@ def test_kfac_matches_per_token_autograd(make):
     for name in layers:
         assert torch.allclose(got[name][0], want[name][0], atol=1e-5, rtol=1e-4), name
         assert torch.allclose(got[name][1], want[name][1], atol=1e-7, rtol=1e-4), name
+        assert not got[name][0].requires_grad and not got[name][1].requires_grad
     q = [n for n in layers if "q_proj" in n][0]
     assert got[q][0] is got[q.replace("q_proj", "k_proj")][0]    # q, k, v share one A
     assert all(p.requires_grad for p in model.parameters())        # state restored
