@@ -10,6 +10,7 @@ test split before and after, as SparseGPT and the paper do. --model also takes a
 import argparse
 import json
 import math
+import os
 import platform
 import random
 import re
@@ -71,6 +72,8 @@ def parse_args(argv=None):
     p.add_argument("--max-correlate", type=positive, default=2000,
                    help="most removed weights solved together in an element update")
     p.add_argument("--eval-every-shot", action="store_true", help="perplexity after every shot")
+    p.add_argument("--compact", action="store_true",
+                   help="after rowcol pruning, cut dead units and heads out; measure the speed-up")
     p.add_argument("--save", metavar="DIR", help="save the pruned model and tokenizer here")
     p.add_argument("--json", metavar="PATH", help="write settings and results as JSON here")
     return p.parse_args(argv)
@@ -80,17 +83,66 @@ def parse_args(argv=None):
 # Loading
 
 
-def load(name, device):
+COMPACT = "compact.json"
+
+
+def load(name, device="cpu"):
+    """Model and tokenizer from a hub id or folder, compacted folders included."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
+        if os.path.isfile(os.path.join(name, COMPACT)):
+            model = load_compact(name)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
     except Exception as err:                        # unknown id, no network, broken folder
         first = str(err).strip().split("\n")[0]
         fail(f"cannot load model {name!r} ({first}). Without a hub, pass a local folder with "
              "--model /path/to/folder")
     model.config.use_cache = False
     return model.to(device).eval(), tokenizer
+
+
+def save_compact(model, tokenizer, folder, shapes):
+    """save_pretrained, plus the shapes that `load_compact` rebuilds. config.json's model_type
+    is renamed so that plain from_pretrained, which would build the dense shapes, stops with a
+    message that names the loader."""
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    path = os.path.join(folder, "config.json")
+    with open(path) as f:
+        config = json.load(f)
+    with open(os.path.join(folder, COMPACT), "w") as f:
+        json.dump({"model_type": config["model_type"], **shapes}, f)
+    config["model_type"] = (f"{config['model_type']}-compacted; load with "
+                            "run_opt.load(folder) from github llm-surgeon")
+    with open(path, "w") as f:
+        json.dump(config, f, indent=1)
+
+
+def load_compact(folder):
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+    with open(os.path.join(folder, COMPACT)) as f:
+        spec = json.load(f)
+    with open(os.path.join(folder, "config.json")) as f:
+        config = json.load(f)
+    config.pop("model_type")
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(spec["model_type"], **config),
+                                             dtype=torch.float32)
+    surgeon.resize(model, spec)
+    state = {}
+    for file in sorted(os.listdir(folder)):
+        if file.endswith(".safetensors"):
+            state.update(load_file(os.path.join(folder, file)))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    head = [n for n, m in model.named_modules() if m is model.get_output_embeddings()]
+    tied = {f"{head[0]}.weight"} if model.config.tie_word_embeddings and head else set()
+    if unexpected or set(missing) - tied:
+        raise ValueError(f"{folder} does not match its {COMPACT}: missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}")
+    model.tie_weights()
+    return model
 
 
 def token_ids(tokenizer, path, split):
@@ -139,6 +191,20 @@ def perplexity(model, windows, device, desc="eval"):
     nll = [float(surgeon.next_token_loss(model, w.to(device)))
            for w in tqdm(windows, desc=desc, leave=False, file=sys.stderr)]
     return math.exp(sum(nll) / len(nll))
+
+
+@torch.no_grad()
+def latency_ms(model, batch, runs=5):
+    """Median wall time of a forward pass over `batch`, after one warm-up run."""
+    sync = torch.cuda.synchronize if batch.is_cuda else (lambda: None)
+    times = []
+    for _ in range(runs + 1):
+        sync()
+        tic = time.perf_counter()
+        model(batch)
+        sync()
+        times.append(1000 * (time.perf_counter() - tic))
+    return sorted(times[1:])[runs // 2]
 
 
 def peak_memory_mb(device):
@@ -219,6 +285,18 @@ def main(argv=None):
             fail(str(err))
     tic = stage("data", tic)
 
+    compact = args.compact and args.sparsity > 0
+    if args.compact and args.structure != "rowcol":
+        print(f"--compact: nothing to compact, {args.structure} pruning leaves no whole rows or "
+              "columns; the zeros stay in place")
+        compact = False
+    if compact:
+        batch = torch.cat(test[:8]).to(device)
+        record["params_dense"] = n_params
+        record["latency_ms_dense"] = latency_ms(model, batch)
+        print(f"forward latency, batch {tuple(batch.shape)}: {record['latency_ms_dense']:.0f} ms")
+        tic = stage("latency_dense", tic)
+
     print(f"evaluation: {len(test)} windows of {seqlen} tokens from {test_source}")
     record["ppl_dense"] = perplexity(model, test, device, "eval dense")
     print(f"{'perplexity' if args.sparsity == 0 else 'dense perplexity'}: "
@@ -255,9 +333,30 @@ def main(argv=None):
         record.update(ppl_pruned=record["ppl_dense"], sparsity=surgeon.overall_sparsity(layers),
                       layers=surgeon.layer_sparsity(layers), shots=[])
 
+    if compact:
+        report = surgeon.compact(model)
+        record["compact"] = {k: v for k, v in report.items() if k != "shapes"}
+        record["params_compact"] = report["params_after"]
+        record["latency_ms_compact"] = latency_ms(model, batch)
+        record["ppl_compact"] = perplexity(model, test, device, "eval compact")
+        print(f"compacted: {report['mlp_units_removed']} MLP units and {report['heads_removed']} "
+              f"heads removed; {report['zero_columns_kept']} zero input columns and "
+              f"{report['zeros_kept']} zero weights kept in place")
+        print(f"parameters: dense {n_params / 1e6:.2f}M -> compact "
+              f"{report['params_after'] / 1e6:.2f}M ({report['params_after'] / n_params:.1%})")
+        print(f"forward latency: dense {record['latency_ms_dense']:.0f} ms -> compact "
+              f"{record['latency_ms_compact']:.0f} ms "
+              f"({record['latency_ms_dense'] / record['latency_ms_compact']:.2f}x)")
+        print(f"perplexity: pruned {record['ppl_pruned']:.3f} -> compact "
+              f"{record['ppl_compact']:.3f}")
+        tic = stage("compact", tic)
+
     if args.save:
-        model.save_pretrained(args.save)
-        tokenizer.save_pretrained(args.save)
+        if compact:
+            save_compact(model, tokenizer, args.save, report["shapes"])
+        else:
+            model.save_pretrained(args.save)
+            tokenizer.save_pretrained(args.save)
         print(f"saved to {args.save}")
         tic = stage("save", tic)
     print("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in record["seconds"].items())

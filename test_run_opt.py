@@ -148,3 +148,31 @@ def test_command_line_exits_cleanly_without_traceback(files):
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert bad.stderr.strip().splitlines() == ["error: argument --sparsity: sparsity must be in "
                                                "[0, 1), got 2"]
+
+
+@pytest.mark.parametrize("model", ["opt", "llama"])
+def test_compact_saves_a_smaller_model_that_reloads(files, tmp_path, capsys, model, monkeypatch):
+    saved, out = tmp_path / "compact", tmp_path / "record.json"
+    record = run_opt.main(args_for(files, model, "--structure", "rowcol", "--sparsity", "0.5",
+                                   "--compact", "--save", str(saved), "--json", str(out)))
+    on_disk = json.loads(out.read_text())
+    for key in ("params_dense", "params_compact", "ppl_compact", "latency_ms_dense",
+                "latency_ms_compact"):
+        assert key in on_disk, key
+    assert record["params_compact"] < record["params_dense"]
+    assert record["ppl_compact"] == pytest.approx(record["ppl_pruned"], rel=1e-5)
+    assert "forward latency: dense" in capsys.readouterr().out
+    again = run_opt.main(["--model", str(saved), "--sparsity", "0", "--test-file",
+                          str(files / "test.txt"), "--seqlen", "32", "--eval-windows", "4"])
+    assert again["ppl_dense"] == pytest.approx(record["ppl_compact"], rel=1e-5)
+    reloaded, _ = run_opt.load(str(saved))
+    assert sum(p.numel() for p in reloaded.parameters()) == record["params_compact"]
+    from transformers import AutoModelForCausalLM
+    with pytest.raises(Exception, match="run_opt.load"):                # plain loader says which
+        AutoModelForCausalLM.from_pretrained(saved)
+
+
+def test_compact_of_unstructured_says_nothing_to_do(files, capsys):
+    run_opt.main(args_for(files, "opt", "--structure", "unstructured", "--sparsity", "0.3",
+                          "--compact"))
+    assert "nothing to compact" in capsys.readouterr().out

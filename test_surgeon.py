@@ -260,11 +260,11 @@ def tiny_opt(seed=0):
                                     word_embed_proj_dim=16)).eval()
 
 
-def tiny_llama(seed=0, vocab=50, hidden=16, layers=2):
+def tiny_llama(seed=0, vocab=50, hidden=16, layers=2, heads=2, kv_heads=1):
     torch.manual_seed(seed)
     return LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=hidden,
                                         intermediate_size=2 * hidden, num_hidden_layers=layers,
-                                        num_attention_heads=2, num_key_value_heads=1,
+                                        num_attention_heads=heads, num_key_value_heads=kv_heads,
                                         max_position_embeddings=64)).eval()
 
 
@@ -521,3 +521,68 @@ def test_cuda_matches_cpu():
     surgeon.prune(gpu, [b.cuda() for b in calib()], s)
     for a, b in zip(cpu.parameters(), gpu.parameters()):
         assert torch.allclose(a, b.cpu(), atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Compaction: the model gets smaller and computes the same function
+
+
+def kill(model, kind):
+    """Zero whole structures by hand, the way rows-and-columns pruning leaves them."""
+    with torch.no_grad():
+        for block in (model.model.decoder.layers if kind == "opt" else model.model.layers):
+            attn = block.self_attn
+            if kind == "opt":
+                block.fc2.weight[:, [0, 5]] = 0                       # output side dead
+                block.fc1.weight[[3, 9]] = 0                          # input side dead: the
+                block.fc1.bias[3] = 0.5                               # constant relu(0.5) folds
+                block.fc1.bias[9] = -0.5                              # relu(-0.5) = 0
+                attn.out_proj.weight[:, 0:8] = 0                      # head 0 silent
+            else:
+                block.mlp.down_proj.weight[:, 1] = 0
+                block.mlp.gate_proj.weight[4] = 0
+                block.mlp.up_proj.weight[7] = 0
+                attn.v_proj.weight[0:8] = 0                           # kv group 0 silent
+            attn.q_proj.weight[:, 2] = 0                              # a zero input column stays
+
+
+@pytest.mark.parametrize("kind", ["opt", "llama"])
+def test_compact_removes_dead_units_and_heads_exactly(kind):
+    model = tiny_opt() if kind == "opt" else tiny_llama(hidden=32, heads=4, kv_heads=2)
+    kill(model, kind)
+    ids = calib()[0]
+    with torch.no_grad():
+        before = model(ids).logits
+    report = surgeon.compact(model)
+    with torch.no_grad():
+        after = model(ids).logits
+    assert torch.allclose(before, after, atol=1e-5)
+    hidden, blocks = (16 if kind == "opt" else 32), 2
+    if kind == "opt":    # 4 units x (fc1 row + bias + fc2 column); a head: q,k,v rows+bias, o cols
+        unit, head, units, heads = 2 * hidden + 1, 3 * (8 * hidden + 8) + 8 * hidden, 4, 1
+    else:                # gate, up rows + down column; a group: 2 q heads + its k, v head
+        unit, head, units, heads = 3 * hidden, 2 * 8 * hidden * 2 + 2 * 8 * hidden, 3, 2
+    assert report["mlp_units_removed"] == units * blocks
+    assert report["heads_removed"] == heads * blocks
+    removed = blocks * (units * unit + head)
+    assert report["params_before"] - report["params_after"] == removed
+    assert report["zero_columns_kept"] >= blocks                     # q's zero input column
+    assert sum(p.numel() for p in model.parameters()) == report["params_after"]
+
+
+@pytest.mark.parametrize("make", [tiny_opt, tiny_llama])
+def test_compact_after_rowcol_pruning_keeps_logits(make):
+    model = make()
+    surgeon.prune(model, calib(), Settings(sparsity=0.5, structure="rowcol", shots=3))
+    ids = calib(seed=1)[0]
+    with torch.no_grad():
+        before = model(ids).logits
+    report = surgeon.compact(model)
+    with torch.no_grad():
+        assert torch.allclose(before, model(ids).logits, atol=1e-5)
+    assert report["params_after"] < report["params_before"]
+    rebuilt = make(seed=5)                                            # same config, other weights
+    surgeon.resize(rebuilt, report["shapes"])
+    rebuilt.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert torch.equal(rebuilt(ids).logits, model(ids).logits)
