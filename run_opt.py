@@ -72,6 +72,8 @@ def parse_args(argv=None):
     p.add_argument("--max-correlate", type=positive, default=2000,
                    help="most removed weights solved together in an element update")
     p.add_argument("--eval-every-shot", action="store_true", help="perplexity after every shot")
+    p.add_argument("--skip-dense-eval", action="store_true",
+                   help="do not evaluate the dense model (a grid that measured it once)")
     p.add_argument("--compact", action="store_true",
                    help="after rowcol pruning, cut dead units and heads out; measure the speed-up")
     p.add_argument("--save", metavar="DIR", help="save the pruned model and tokenizer here")
@@ -298,10 +300,12 @@ def main(argv=None):
         tic = stage("latency_dense", tic)
 
     print(f"evaluation: {len(test)} windows of {seqlen} tokens from {test_source}")
-    record["ppl_dense"] = perplexity(model, test, device, "eval dense")
-    print(f"{'perplexity' if args.sparsity == 0 else 'dense perplexity'}: "
-          f"{record['ppl_dense']:.2f}")
-    tic = stage("eval_dense", tic)
+    record["ppl_dense"] = None
+    if not (args.skip_dense_eval and args.sparsity > 0):
+        record["ppl_dense"] = perplexity(model, test, device, "eval dense")
+        print(f"{'perplexity' if args.sparsity == 0 else 'dense perplexity'}: "
+              f"{record['ppl_dense']:.2f}")
+        tic = stage("eval_dense", tic)
 
     if args.sparsity > 0:
         from tqdm import tqdm
@@ -328,7 +332,8 @@ def main(argv=None):
         record.update(sparsity=report["sparsity"], layers=report["layers"], shots=report["shots"])
         print("sparsity per layer (percent zero):\n" + sparsity_table(report["layers"]))
         print(f"sparsity: {report['sparsity']:.4f} of {n_pruned / 1e6:.1f}M weights")
-        print(f"perplexity: dense {record['ppl_dense']:.2f} -> pruned {record['ppl_pruned']:.2f}")
+        print(f"perplexity: dense {record['ppl_dense'] or float('nan'):.2f} -> pruned "
+              f"{record['ppl_pruned']:.2f}")
     else:
         record.update(ppl_pruned=record["ppl_dense"], sparsity=surgeon.overall_sparsity(layers),
                       layers=surgeon.layer_sparsity(layers), shots=[])

@@ -17,7 +17,7 @@ on whatever device the model is on.
 """
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -477,7 +477,7 @@ def prune(model: nn.Module, batches, settings: Settings, on_shot=None, progress=
     shapes = [(layer.out_features, layer.in_features) for layer in layers.values()]
     shots, done = [], 0
     precision = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")                    # no TF32 (SPEC)
+    torch.set_float32_matmul_precision("highest")                    # no TF32 on CUDA
     try:
         for t in range(1, s.shots + 1 if s.sparsity > 0 else 1):
             target = round(s.sparsity * total * t / s.shots)        # linear schedule
@@ -537,11 +537,6 @@ def _zero(*parts) -> torch.Tensor:
     return torch.stack([p.reshape(len(p), -1).eq(0).all(1) for p in parts]).all(0)
 
 
-def _rows(layer, bias=True):
-    W = layer.weight.detach()
-    return W if not bias or layer.bias is None else torch.cat([W, layer.bias.detach()[:, None]], 1)
-
-
 @torch.no_grad()
 def _keep(layer: nn.Linear, rows=None, cols=None):
     """Shrink a layer in place to the kept output rows / input columns."""
@@ -563,7 +558,7 @@ def _compact_mlp(up: list[nn.Linear], down: nn.Linear, act, gated: bool) -> int:
     dead = _zero(down.weight.T)
     if gated:
         gate, lin = up
-        dead |= _zero(_rows(lin)) | (_zero(_rows(gate)) & bool(act(torch.zeros(1)) == 0))
+        dead |= _zero(get_matrix(lin)) | (_zero(get_matrix(gate)) & bool(act(torch.zeros(1)) == 0))
     else:
         (fc1,) = up
         const = act(fc1.bias) if fc1.bias is not None else fc1.weight.new_zeros(len(fc1.weight))
@@ -588,7 +583,7 @@ def _compact_attention(attn: nn.Module) -> int:
     heads, kv = q.out_features // d, k.out_features // d
     group = heads // kv
     silent = _zero(o.weight.T.reshape(heads, d, -1)) | \
-        _zero(_rows(v).reshape(kv, d, -1)).repeat_interleave(group)
+        _zero(get_matrix(v).reshape(kv, d, -1)).repeat_interleave(group)
     gone = silent.reshape(kv, group).all(1)                  # whole groups only
     gone[0] &= not gone.all()                                # attention needs a head
     keep_kv = (~gone).nonzero()[:, 0]

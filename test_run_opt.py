@@ -37,8 +37,11 @@ WORDS = ("the of and to a in is that it was for on are as with his they at be th
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
+    return make_files(tmp_path_factory.mktemp("run_opt"))
+
+
+def make_files(root):
     """A word-level tokenizer, tiny OPT and Llama folders, and train/test text."""
-    root = tmp_path_factory.mktemp("run_opt")
     vocab = {w: i for i, w in enumerate(["<unk>", "</s>"] + WORDS)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -176,3 +179,20 @@ def test_compact_of_unstructured_says_nothing_to_do(files, capsys):
     run_opt.main(args_for(files, "opt", "--structure", "unstructured", "--sparsity", "0.3",
                           "--compact"))
     assert "nothing to compact" in capsys.readouterr().out
+
+
+def test_benchmark_grid_writes_records_and_table(files, tmp_path):
+    results = tmp_path / "grid"
+    cmd = [sys.executable, "benchmarks/grid.py", "--model", str(files / "llama"),
+           "--train-file", str(files / "train.txt"), "--test-file", str(files / "test.txt"),
+           "--nsamples", "2", "--seqlen", "32", "--eval-windows", "2", "--results", str(results),
+           "--only", "dense", "magnitude-unstructured-50", "kobd-rowcol-30"]
+    done = subprocess.run(cmd, capture_output=True, text=True,
+                          cwd=os.path.dirname(os.path.abspath(__file__)))
+    assert done.returncode == 0, done.stderr
+    assert {p.name for p in results.glob("*.json")} == {
+        "dense.json", "magnitude-unstructured-50.json", "kobd-rowcol-30.json"}
+    table = (tmp_path / "grid.md").read_text()
+    assert "| dense |" in table and "| magnitude | " in table
+    row = [line for line in table.splitlines() if line.startswith("| K-OBD |")][0]
+    assert row.count("not run") == 2 and row.count("%,") == 2

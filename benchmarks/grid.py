@@ -1,0 +1,165 @@
+"""The benchmark grid: dense, and magnitude, L-OBD, K-OBD and LLM Surgeon at 50% unstructured,
+2:4, and 20% and 30% rows and columns, each run through run_opt.py. One JSON record per run goes
+to a results folder (a run whose record exists is skipped, so the grid can be resumed), then
+FOLDER.md is written from all records there.
+
+    python benchmarks/grid.py --model DIR --train-file TRAIN --test-file TEST   # this machine
+    python benchmarks/grid.py --model facebook/opt-125m --nsamples 128 --seqlen 2048 \\
+        --results benchmarks/opt125m-wikitext                                   # the paper's
+    python benchmarks/grid.py --table-only                                      # only the table
+
+Defaults are the CPU protocol of this project: 32 calibration windows of 512 tokens, seed 0,
+the first 64 evaluation windows. Rows-and-columns at 20% is the 4th shot of the 30% run (the
+schedule removes 5% a shot in both, so the two runs are identical up to there).
+"""
+import argparse
+import glob
+import json
+import os
+import platform
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+# name: run_opt.py arguments. Order = priority: what matters most runs first.
+GRID = {
+    "dense": ["--sparsity", "0"],
+    "surgeon-rowcol-30": ["--method", "surgeon", "--structure", "rowcol", "--sparsity", "0.3",
+                          "--shots", "6", "--eval-every-shot",
+                          "--compact"],
+    "surgeon-unstructured-50": ["--method", "surgeon", "--structure", "unstructured",
+                                "--sparsity", "0.5", "--shots", "3", "--max-correlate", "1"],
+    "magnitude-unstructured-50": ["--method", "magnitude", "--structure", "unstructured",
+                                  "--sparsity", "0.5", "--shots", "1"],
+    "magnitude-2:4": ["--method", "magnitude", "--structure", "2:4", "--sparsity", "0.5",
+                      "--shots", "1"],
+    "magnitude-rowcol-20": ["--method", "magnitude", "--structure", "rowcol", "--sparsity", "0.2",
+                            "--shots", "1"],
+    "magnitude-rowcol-30": ["--method", "magnitude", "--structure", "rowcol", "--sparsity", "0.3",
+                            "--shots", "1"],
+    "kobd-unstructured-50": ["--method", "kobd", "--structure", "unstructured", "--sparsity",
+                             "0.5", "--shots", "1"],
+    "kobd-rowcol-30": ["--method", "kobd", "--structure", "rowcol", "--sparsity", "0.3",
+                       "--shots", "6", "--eval-every-shot"],
+    "surgeon-2:4": ["--method", "surgeon", "--structure", "2:4", "--sparsity", "0.5",
+                    "--shots", "3", "--max-correlate", "1"],
+    "kobd-2:4": ["--method", "kobd", "--structure", "2:4", "--sparsity", "0.5", "--shots", "1"],
+    "lobd-unstructured-50": ["--method", "lobd", "--structure", "unstructured", "--sparsity",
+                             "0.5", "--shots", "1"],
+    "lobd-2:4": ["--method", "lobd", "--structure", "2:4", "--sparsity", "0.5", "--shots", "1"],
+    "lobd-rowcol-30": ["--method", "lobd", "--structure", "rowcol", "--sparsity", "0.3",
+                       "--shots", "6", "--eval-every-shot"],
+}
+COLUMNS = [("50% unstructured", "unstructured-50"), ("2:4", "2:4"),
+           ("20% rows+cols", "rowcol-20"), ("30% rows+cols", "rowcol-30")]
+METHODS = [("magnitude", "magnitude"), ("L-OBD", "lobd"), ("K-OBD", "kobd"),
+           ("LLM Surgeon", "surgeon")]
+
+
+def run(args):
+    os.makedirs(args.results, exist_ok=True)
+    common = ["--model", args.model, "--nsamples", str(args.nsamples), "--seqlen",
+              str(args.seqlen), "--seed", "0", "--eval-windows", str(args.eval_windows),
+              "--skip-dense-eval"]
+    common += ["--train-file", args.train_file] if args.train_file else []
+    common += ["--test-file", args.test_file] if args.test_file else []
+    for name, extra in GRID.items():
+        if args.only and name not in args.only:
+            continue
+        out = os.path.join(args.results, name.replace(":", "") + ".json")
+        if os.path.exists(out):
+            continue
+        print(f"== {name}", flush=True)
+        cmd = [sys.executable, os.path.join(ROOT, "run_opt.py"), *common, *extra, "--json", out]
+        with open(out[:-5] + ".log", "w") as log:
+            done = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT)
+        if done.returncode:
+            print(f"   failed, see {out[:-5]}.log", flush=True)
+        write_table(args.results)
+
+
+def load_records(folder):
+    records = {}
+    for path in glob.glob(os.path.join(folder, "*.json")):
+        with open(path) as f:
+            records[os.path.basename(path)[:-5]] = json.load(f)
+    return records
+
+
+def cell(records, method, column):
+    """(perplexity, achieved sparsity, seconds of pruning) or None."""
+    if column == "rowcol-20":                        # the 4th of 6 shots of the 30% run
+        r = records.get(f"{method}-rowcol-30")
+        if r and len(r["shots"]) >= 4 and "ppl" in r["shots"][3]:
+            s = r["shots"][3]
+            return s["ppl"], s["sparsity"], sum(sum(x["seconds"].values()) for x in r["shots"][:4])
+        r = records.get(f"{method}-rowcol-20")
+    else:
+        r = records.get(f"{method}-{column.replace(':', '')}")
+    return (r["ppl_pruned"], r["sparsity"], r["seconds"].get("prune", 0)) if r else None
+
+
+def write_table(folder):
+    records = load_records(folder)
+    if not records:
+        return
+    some = next(iter(records.values()))
+    s = some["settings"]
+    lines = [f"# Benchmark grid: {os.path.basename(folder.rstrip('/'))}", "",
+             f"Model `{s['model']}`, calibration {s['nsamples']} x {s['seqlen']} tokens from "
+             f"`{s['train_file'] or 'WikiText-2'}` (seed {s['seed']}), evaluation on the first "
+             f"{s['eval_windows']} windows of `{s['test_file'] or 'WikiText-2 test'}`; "
+             f"device {s['device']}, torch {some['versions']['torch']}, "
+             f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}).", "",
+             "Perplexity (achieved sparsity, pruning time):", "",
+             "| method | " + " | ".join(c for c, _ in COLUMNS) + " |",
+             "|---|" + "---|" * len(COLUMNS)]
+    dense = records.get("dense")
+    lines.append(f"| dense | {dense['ppl_dense']:.2f} |" + " |" * (len(COLUMNS) - 1)
+                 if dense else "| dense | not run |" + " |" * (len(COLUMNS) - 1))
+    for label, method in METHODS:
+        cells = []
+        for _, column in COLUMNS:
+            c = cell(records, method, column)
+            cells.append(f"{c[0]:.2f} ({c[1]:.1%}, {c[2]:.0f} s)" if c else "not run")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += ["", "Settings of each run (shots, max_correlate) are in its JSON record; "
+              "per-shot seconds split into curvature, inverses and costs, and updates.", ""]
+    for name in GRID:
+        r = records.get(name.replace(":", ""))
+        if r and r.get("shots"):
+            split = {}
+            for shot in r["shots"]:
+                for k, v in shot["seconds"].items():
+                    split[k] = split.get(k, 0) + v
+            lines.append(f"- {name}: {r['settings']['shots']} shots, max_correlate "
+                         f"{r['settings']['max_correlate']}; seconds " +
+                         ", ".join(f"{k} {v:.0f}" for k, v in split.items()) +
+                         f"; peak memory {max(r['peak_memory_mb'].values()):.0f} MB")
+    with open(folder.rstrip("/") + ".md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model")
+    p.add_argument("--train-file")
+    p.add_argument("--test-file")
+    p.add_argument("--nsamples", type=int, default=32)
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--eval-windows", type=int, default=64)
+    p.add_argument("--results", default=os.path.join(HERE, "smollm2-brown"),
+                   help="folder of JSON records; the table goes to FOLDER.md")
+    p.add_argument("--only", nargs="*", help="run only these grid entries")
+    p.add_argument("--table-only", action="store_true")
+    args = p.parse_args()
+    if args.table_only:
+        write_table(args.results)
+    else:
+        run(args)
+
+
+if __name__ == "__main__":
+    main()
