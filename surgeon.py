@@ -162,7 +162,8 @@ def kfac_factors(model: nn.Module, layers: dict[str, nn.Linear], batches, progre
             p.requires_grad_(False)
         for ids in (progress(batches) if progress else batches):
             last[:], B_L[:] = (None, None), ids.shape
-            next_token_loss(model, ids).backward()
+            with torch.enable_grad():                                    # also under no_grad
+                next_token_loss(model, ids).backward()
             T += ids.shape[0] * (ids.shape[1] - 1)
     finally:
         for h in handles:

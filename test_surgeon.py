@@ -342,6 +342,14 @@ def test_kfac_of_one_token_is_its_empirical_fisher(make):
                               atol=1e-9, rtol=1e-4), name
 
 
+def test_kfac_works_under_no_grad():
+    model = tiny_llama()
+    layers = surgeon.prunable_layers(model)
+    with torch.no_grad():
+        factors = surgeon.kfac_factors(model, layers, calib())
+    assert all(G.abs().sum() > 0 for _, G in factors.values())
+
+
 def test_kfac_removes_hooks_when_the_forward_fails():
     model = tiny_opt()
     layers = surgeon.prunable_layers(model)
