@@ -533,9 +533,9 @@ def prune(model: nn.Module, batches, settings: Settings, on_shot=None, progress=
 #    q/k/v_proj with o_proj or out_proj and a head_dim attribute.
 
 
-def _zero(*parts) -> torch.Tensor:
-    """Per index: True where every given (k, ...) slice is all zero."""
-    return torch.stack([p.reshape(len(p), -1).eq(0).all(1) for p in parts]).all(0)
+def _zero(x: torch.Tensor) -> torch.Tensor:
+    """(k, ...) -> (k,): True where the slice x[i] is all zero."""
+    return x.reshape(len(x), -1).eq(0).all(1)
 
 
 @torch.no_grad()
