@@ -283,23 +283,40 @@ def remove_elements(W, A_inv, G_inv, mask, max_correlate):
     """Remove the weights in `mask` (m, n) with correlated OBS updates. The exact system
     C_qq' = G_inv[i_q, i_q'] A_inv[j_q, j_q'] is solved in chunks of whole rows holding at most
     max_correlate removed weights, each chunk on the weights as updated by those before it;
-    everything in the mask is zeroed at the end. G = I and one row a chunk is per-row OBS."""
+    everything in the mask is zeroed at the end. G = I and one row a chunk is per-row OBS.
+    Chunk R's update is dW = -G_inv[:, R] U_R with U_R = M_R A_inv. As in SparseGPT, updates are
+    applied lazily: a block of up to LAZY_ROWS rows collects its U's, brings each chunk's rows up
+    to date from them, and updates all of W in one product at the end of the block."""
     W = W.to(G_inv.dtype).clone()
     g, a = G_inv.diagonal(), A_inv.diagonal()
     solve = mask & (g[:, None] > 0) & (a[None, :] > 0)      # dead entries: only zeroed
-    for R in _row_chunks(solve.sum(1).tolist(), max_correlate):
-        R = torch.tensor(R, device=W.device)
-        r, j = solve[R].nonzero(as_tuple=True)              # Q as (row in chunk, column)
-        i = R[r]
-        C = G_inv[i[:, None], i] * A_inv[j[:, None], j]      # (|Q|, |Q|)
-        L, info = torch.linalg.cholesky_ex(C)
-        if info != 0:
-            raise ValueError("correlated update is not positive definite; increase the damping")
-        M = torch.zeros(len(R), W.shape[1], dtype=W.dtype, device=W.device)
-        M[r, j] = torch.cholesky_solve(W[i, j][:, None], L)[:, 0]
-        W -= G_inv[:, R] @ (M @ A_inv)                      # dW = -G_inv M A_inv
+    chunks = list(_row_chunks(solve.sum(1).tolist(), max_correlate))
+    while chunks:
+        block = [chunks.pop(0)]
+        while chunks and sum(map(len, block)) + len(chunks[0]) <= LAZY_ROWS:
+            block.append(chunks.pop(0))
+        B = torch.tensor([row for R in block for row in R], device=W.device)
+        U = torch.zeros(len(B), W.shape[1], dtype=W.dtype, device=W.device)  # (|B|, n)
+        start = 0
+        for R in block:
+            R, here = B[start:start + len(R)], slice(start, start + len(R))
+            start += len(R)
+            r, j = solve[R].nonzero(as_tuple=True)              # Q as (row in chunk, column)
+            A_j = A_inv[j]                                       # (|Q|, n)
+            C = G_inv[R][:, R][r][:, r] * A_j[:, j]              # (|Q|, |Q|)
+            L, info = torch.linalg.cholesky_ex(C)
+            if info != 0:
+                raise ValueError("correlated update is not positive definite; increase the damping")
+            w = W[R[r], j] - (G_inv[R][:, B] @ U)[r, j]          # W_Q as updated so far
+            E = torch.zeros(len(R), len(j), dtype=W.dtype, device=W.device)
+            E[r, torch.arange(len(j), device=W.device)] = torch.cholesky_solve(w[:, None], L)[:, 0]
+            U[here] = E @ A_j                                    # M_R A_inv
+        W -= G_inv[:, B] @ U                                     # dW = -G_inv M A_inv
     W[mask] = 0
     return W
+
+
+LAZY_ROWS = 128                                             # rows a block updates lazily
 
 
 def _row_chunks(counts: list[int], max_correlate: int):

@@ -122,9 +122,12 @@ def test_remove_elements_exact_when_all_correlated():
 
 
 @pytest.mark.parametrize("max_correlate", [1, 3, 5])
-def test_remove_elements_in_row_chunks(max_correlate):
+@pytest.mark.parametrize("lazy_rows", [1, 2, 128])
+def test_remove_elements_in_row_chunks(max_correlate, lazy_rows, monkeypatch):
     """Chunks of whole rows with at most max_correlate removed weights, one after another on the
-    updated weights, then everything removed is zeroed: the oracle applied chunk by chunk."""
+    updated weights, then everything removed is zeroed: the oracle applied chunk by chunk. The
+    lazy blocks of updates (all rows in one block, or several) do not change the result."""
+    monkeypatch.setattr(surgeon, "LAZY_ROWS", lazy_rows)
     W, A, G, A_inv, G_inv = tiny_layer(seed=2)
     Q = torch.rand(W.shape, generator=torch.Generator().manual_seed(2)) < 0.4
     expected, chunk, size = W.clone(), [], 0
