@@ -332,8 +332,8 @@ def main(argv=None):
         record.update(sparsity=report["sparsity"], layers=report["layers"], shots=report["shots"])
         print("sparsity per layer (percent zero):\n" + sparsity_table(report["layers"]))
         print(f"sparsity: {report['sparsity']:.4f} of {n_pruned / 1e6:.1f}M weights")
-        print(f"perplexity: dense {record['ppl_dense'] or float('nan'):.2f} -> pruned "
-              f"{record['ppl_pruned']:.2f}")
+        dense = "not evaluated" if record["ppl_dense"] is None else f"{record['ppl_dense']:.2f}"
+        print(f"perplexity: dense {dense} -> pruned {record['ppl_pruned']:.2f}")
     else:
         record.update(ppl_pruned=record["ppl_dense"], sparsity=surgeon.overall_sparsity(layers),
                       layers=surgeon.layer_sparsity(layers), shots=[])
