@@ -11,7 +11,9 @@ FOLDER.md is written from all records there.
 Defaults are the CPU protocol of this project: 32 calibration windows of 512 tokens, seed 0,
 the first 64 evaluation windows. LLM Surgeon at 20% rows and columns is a 4-shot run of its own
 (5% a shot, the same schedule as the first 4 of the 6 shots at 30%); K-OBD and L-OBD have no
-update, so they take 3 shots of 10% at 30% and evaluate every shot, shot 2 giving the 20% cell.
+update: K-OBD takes 3 shots of 10% at 30% and evaluates every shot, shot 2 giving the 20% cell;
+L-OBD, last in line, takes one shot at 20% and one at 30% (two runs, less time than evaluating
+3 shots).
 Rows and columns use damp_g 0.1: the default 0.01 let the global threshold strip q/k projections
 first and lost badly on SmolLM2 (see README). LLM Surgeon's element runs use max_correlate 1
 (one exact Cholesky solve per row; chunks of 2000 weights would cost about 20x the Cholesky work) and
@@ -56,7 +58,9 @@ GRID = {
                              "0.5", "--shots", "1"],
     "lobd-2:4": ["--method", "lobd", "--structure", "2:4", "--sparsity", "0.5", "--shots", "1"],
     "lobd-rowcol-30": ["--method", "lobd", "--structure", "rowcol", "--sparsity", "0.3",
-                       "--shots", "3", "--eval-every-shot"],
+                       "--shots", "1"],
+    "lobd-rowcol-20": ["--method", "lobd", "--structure", "rowcol", "--sparsity", "0.2",
+                       "--shots", "1"],
 }
 COLUMNS = [("50% unstructured", "unstructured-50"), ("2:4", "2:4"),
            ("20% rows+cols", "rowcol-20"), ("30% rows+cols", "rowcol-30")]
