@@ -302,12 +302,12 @@ def remove_elements(W, A_inv, G_inv, mask, max_correlate):
             R, here = B[start:start + len(R)], slice(start, start + len(R))
             start += len(R)
             r, j = solve[R].nonzero(as_tuple=True)              # Q as (row in chunk, column)
-            A_j = A_inv[j]                                       # (|Q|, n)
-            C = G_inv[R][:, R][r][:, r] * A_j[:, j]              # (|Q|, |Q|)
+            A_j, G_R = A_inv[j], G_inv[R]                        # (|Q|, n), (|R|, m)
+            C = G_R[:, R][r][:, r] * A_j[:, j]                   # (|Q|, |Q|)
             L, info = torch.linalg.cholesky_ex(C)
             if info != 0:
                 raise ValueError("correlated update is not positive definite; increase the damping")
-            w = W[R[r], j] - (G_inv[R][:, B] @ U)[r, j]          # W_Q as updated so far
+            w = W[R[r], j] - (G_R[:, B] @ U)[r, j]               # W_Q as updated so far
             E = torch.zeros(len(R), len(j), dtype=W.dtype, device=W.device)
             E[r, torch.arange(len(j), device=W.device)] = torch.cholesky_solve(w[:, None], L)[:, 0]
             U[here] = E @ A_j                                    # M_R A_inv

@@ -16,8 +16,8 @@ L-OBD, last in line, takes one shot at 20% and one at 30% (two runs, less time t
 3 shots).
 Rows and columns use damp_g 0.1: the default 0.01 let the global threshold strip q/k projections
 first and lost badly on SmolLM2 (see README). LLM Surgeon's element runs use max_correlate 1
-(one exact Cholesky solve per row; chunks of 2000 weights would cost about 20x the Cholesky work) and
-3 shots at 50% unstructured, 2 at 2:4, to keep a run near 30-45 minutes on 2 CPU cores.
+(one exact Cholesky solve per row; chunks of 2000 weights would cost about 20x the Cholesky
+work) and 3 shots at 50% unstructured, 2 at 2:4, to keep a run near 30-45 minutes on 2 CPU cores.
 """
 import argparse
 import glob
@@ -101,12 +101,12 @@ def load_records(folder):
 def cell(records, method, column):
     """(perplexity, achieved sparsity, seconds of pruning) or None."""
     if column == "rowcol-20":          # a run of its own, or the shot of the 30% run that hit 20%
-        r = records.get(f"{method}-rowcol-30") or {"shots": []}
-        for t, s in enumerate(r["shots"]):
-            if "ppl" in s and abs(s["target"] - 0.2) < 1e-3 and f"{method}-rowcol-20" not in records:
-                return s["ppl"], s["sparsity"], sum(sum(x["seconds"].values())
-                                                    for x in r["shots"][:t + 1])
         r = records.get(f"{method}-rowcol-20")
+        shots = [] if r else (records.get(f"{method}-rowcol-30") or {"shots": []})["shots"]
+        for t, s in enumerate(shots):
+            if "ppl" in s and abs(s["target"] - 0.2) < 1e-3:
+                return s["ppl"], s["sparsity"], sum(sum(x["seconds"].values())
+                                                    for x in shots[:t + 1])
     else:
         r = records.get(f"{method}-{column.replace(':', '')}")
     return (r["ppl_pruned"], r["sparsity"], r["seconds"].get("prune", 0)) if r else None
