@@ -20,6 +20,7 @@ import time
 
 import torch
 
+import compact as compaction
 import surgeon
 
 WIKITEXT = ("Salesforce/wikitext", "wikitext-2-raw-v1")
@@ -71,6 +72,9 @@ def parse_args(argv=None):
     p.add_argument("--damp-g", type=float, help="damping of G, relative (default 0.01 rowcol, 0.1 otherwise)")
     p.add_argument("--max-correlate", type=positive, default=2000,
                    help="most removed weights solved together in an element update")
+    p.add_argument("--curvature-device",
+                   help="where the KFAC factors live (default: the model's device; cpu keeps "
+                        "them in host memory)")
     p.add_argument("--eval-every-shot", action="store_true", help="perplexity after every shot")
     p.add_argument("--skip-dense-eval", action="store_true",
                    help="do not evaluate the dense model (a grid that measured it once)")
@@ -132,7 +136,7 @@ def load_compact(folder):
     config.pop("model_type")
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(spec["model_type"], **config),
                                              dtype=torch.float32)
-    surgeon.resize(model, spec)
+    compaction.resize(model, spec)
     state = {}
     for file in sorted(os.listdir(folder)):
         if file.endswith(".safetensors"):
@@ -238,7 +242,8 @@ def main(argv=None):
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     settings = surgeon.Settings(sparsity=args.sparsity, structure=args.structure,
                                 method=args.method, shots=args.shots, damp_a=args.damp_a,
-                                damp_g=args.damp_g, max_correlate=args.max_correlate)
+                                damp_g=args.damp_g, max_correlate=args.max_correlate,
+                                curvature_device=args.curvature_device)
     record = {"settings": {**vars(args), "shots": settings.shots, "damp_g": settings.damp_g,
                            "device": str(device)},
               "versions": {"python": platform.python_version(), "torch": torch.__version__},
@@ -339,7 +344,7 @@ def main(argv=None):
                       layers=surgeon.layer_sparsity(layers), shots=[])
 
     if compact:
-        report = surgeon.compact(model)
+        report = compaction.compact(model)
         record["compact"] = {k: v for k, v in report.items() if k != "shapes"}
         record["params_compact"] = report["params_after"]
         record["latency_ms_compact"] = latency_ms(model, batch)

@@ -1,22 +1,28 @@
 """The LLM Surgeon, in one file.
 
 A reference implementation of van der Ouderaa, Nagel, van Baalen, Asano and Blankevoort,
-"The LLM Surgeon", ICLR 2024 (arXiv 2312.17244). Read it top to bottom beside the paper:
+"The LLM Surgeon", ICLR 2024 (arXiv 2312.17244). Read it top to bottom beside the paper; the
+sections follow the order in which one shot runs:
 
-  1. settings                          4. Optimal Brain Surgeon costs under F = G (x) A
-  2. which layers are pruned           5. OBS updates: rows/columns (exact joint) and elements
-  3. KFAC curvature: A and G           6. global threshold across layers, 7. the multi-shot loop
+  1. settings          4. damping, the per-layer quadratic model and its costs (Sec. 3.2-3.3)
+  2. pruned layers     5. global threshold across layers (Sec. 3.4)
+  3. KFAC: A and G     6. OBS updates: rows and columns, elements (Sec. 3.3, Eq. 6-8)
+  (Sec. 3.1, Eq. 3)    7. interleaved low-rank updates (Sec. 3.5)    8. the multi-shot loop (Sec. 3.6)
 
 Notation. A linear layer computes y = W x + b with W of shape (m, n). With a bias we work with the
 augmented W~ = [W | b] of shape (m, n+1) and input a~ = [x; 1]; theta = vec(W~) row-major, so one
 token's gradient is g (x) a~ with g = dloss/dy. The Fisher of a layer is approximated by the
 Kronecker product F = G (x) A, A = E[a~ a~^T] (n+1, n+1), G = E[g g^T] (m, m).
 
+Memory. A shot holds the model, the factors (float32, one A per input tensor that several layers
+read, on `curvature_device`), one float32 cost per candidate, and the float64 workspace of one
+layer at a time: its inverses are computed for the costs and again for the update.
+
 Depends on torch only. Works on any module whose prunable layers are nn.Linear (OPT, Llama, ...),
 on whatever device the model is on.
 """
-import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +31,8 @@ import torch.nn.functional as F
 
 STRUCTURES = ("unstructured", "2:4", "rowcol")
 METHODS = ("surgeon", "kobd", "lobd", "magnitude")
+REMOVED = -1.0              # cost of a candidate that is already removed: always taken, gains 0
+LAZY_ROWS = 128             # rows whose element updates are collected before W is updated
 
 
 # ----------------------------------------------------------------------------------------------
@@ -35,11 +43,15 @@ METHODS = ("surgeon", "kobd", "lobd", "magnitude")
 class Settings:
     sparsity: float = 0.5             # fraction of the pruned layers' weights that end at zero
     structure: str = "rowcol"         # "unstructured" | "2:4" | "rowcol" (whole rows and columns)
-    method: str = "surgeon"           # "surgeon" | "kobd" | "lobd" | "magnitude" (see curvature())
+    method: str = "surgeon"           # "surgeon" | "kobd" | "lobd" | "magnitude" (Sec. 4 baselines)
     shots: int | None = None          # None: 40 for rowcol, 5 for unstructured and 2:4 (paper)
-    damp_a: float = 0.01              # lambda_A, relative to mean(diag A)
+    damp_a: float = 0.01              # lambda_A, relative to the mean live diagonal of A
     damp_g: float | None = None       # lambda_G; None: 0.01 for rowcol, 0.1 otherwise (paper)
     max_correlate: int = 2000         # most removed weights solved together in one element update
+    curvature_device: str | None = None   # where A and G live; None: the model's device
+    lora_steps: int = 0               # interleaved low-rank steps after each shot (0: off)
+    lora_rank: int = 8
+    lora_lr: float = 1e-4
 
     def __post_init__(self):
         if self.shots is None:
@@ -55,19 +67,14 @@ class Settings:
 def prunable_layers(model: nn.Module) -> dict[str, nn.Linear]:
     """nn.Linear modules inside an nn.ModuleList (the blocks); without blocks, every nn.Linear but
     the output embedding."""
-    inside = {name: mod for name, mod in model.named_modules()
-              if isinstance(mod, nn.Linear) and any(isinstance(model.get_submodule(p), nn.ModuleList)
-                                                    for p in _parents(name))}
-    if inside:
-        return inside
+    def in_blocks(name):
+        parts = name.split(".")
+        return any(isinstance(model.get_submodule(".".join(parts[:i])), nn.ModuleList)
+                   for i in range(1, len(parts)))
+    linear = {name: mod for name, mod in model.named_modules() if isinstance(mod, nn.Linear)}
+    inside = {name: mod for name, mod in linear.items() if in_blocks(name)}
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    return {name: mod for name, mod in model.named_modules()
-            if isinstance(mod, nn.Linear) and mod is not head}
-
-
-def _parents(name: str) -> list[str]:
-    parts = name.split(".")
-    return [".".join(parts[:i]) for i in range(1, len(parts))]
+    return inside or {name: mod for name, mod in linear.items() if mod is not head}
 
 
 def get_matrix(layer: nn.Linear) -> torch.Tensor:
@@ -85,9 +92,9 @@ def set_matrix(layer: nn.Linear, W: torch.Tensor):
 
 
 # ----------------------------------------------------------------------------------------------
-# 3. KFAC curvature (paper Sec. 3, "Kronecker-factored curvature"): one ordinary backward pass of the
-#    true-label mean next-token cross-entropy per sequence (empirical Fisher). Forward hooks read
-#    each layer's input x, tensor hooks its output gradient g. No weight gradient is computed.
+# 3. KFAC curvature (Sec. 3.1, Eq. 3): one ordinary backward pass of the true-label mean
+#    next-token cross-entropy per sequence (empirical Fisher). Forward hooks read each layer's
+#    input x, tensor hooks its output gradient g. No weight gradient is computed.
 
 
 def next_token_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
@@ -97,74 +104,83 @@ def next_token_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten()) * len(ids)
 
 
-BLOCKS = 4
+GRAM_BLOCKS = 4             # a symmetric sum is accumulated as 10 of its 4 x 4 blocks
 
 
-def add_gram(sums: dict, name: str, x: torch.Tensor):
-    """sums[name] += x^T x, upper block triangle only: a symmetric product needs about one half
-    (10 of 16 blocks); `symmetric` mirrors it once at the end."""
-    n = x.shape[1]
-    S = sums.setdefault(name, x.new_zeros(n, n))
-    step = -(-n // BLOCKS)
-    for i in range(0, n, step):
+def add_gram(S: torch.Tensor, x: torch.Tensor):
+    """S += x^T x for x (T, d), upper block triangle only; `mirror` completes S once at the end."""
+    step = -(-S.shape[0] // GRAM_BLOCKS)
+    for i in range(0, S.shape[0], step):
         S[i:i + step, i:].addmm_(x[:, i:i + step].T, x[:, i:])
 
 
-def symmetric(S: torch.Tensor) -> torch.Tensor:
-    step = -(-len(S) // BLOCKS)
+def mirror(S: torch.Tensor) -> torch.Tensor:
+    step = -(-len(S) // GRAM_BLOCKS)
     for i in range(0, len(S), step):
         S[i + step:, i:i + step] = S[i:i + step, i + step:].T
     return S
 
 
-def kfac_factors(model: nn.Module, layers: dict[str, nn.Linear], batches, progress=None):
-    """A and G of every layer, averaged over the T tokens that have a label (the last position of
-    a window predicts nothing and is left out). Returns {name: (A, G)} in float32; A is (n+1, n+1)
-    with the bias coordinate where the layer has a bias. Layers that read the same input tensor
-    (q, k, v; gate, up) share one A, computed once."""
-    XX, Xsum, GG = {}, {}, {}      # running sums: x x^T, x, g g^T
-    leader = {}                    # layer -> layer whose A it shares
-    last = [None, None]            # the input tensor seen by the previous hook, and whose it was
-    B_L = [0, 0]                   # batch size and length of the current batch
-    T = 0
+class Recorder:
+    """Running sums over labelled tokens, filled by hooks: xx_sum[s] = sum x x^T and x_sum[s] =
+    sum x of every distinct input tensor (named after the first layer s that reads it), and
+    gg_sum[name] = sum g g^T of every layer. The last position of a window has no label and is
+    left out."""
 
-    def labelled(z):               # (B, L, d) or (B*L, d) -> (B*(L-1), d): drop last positions
-        return z.reshape(*B_L, z.shape[-1])[:, :-1].reshape(-1, z.shape[-1]).float()
+    def __init__(self, device):
+        self.device = device
+        self.xx_sum, self.x_sum, self.gg_sum = {}, {}, {}
+        self.source = {}                   # layer -> the layer whose input sums it shares
+        self.last_input = self.last_name = None
+        self.batch_shape = None            # (B, L) of the batch running now
+        self.tokens = 0
 
-    def forward_hook(name):
-        def hook(mod, inputs, y):
+    def labelled(self, z):                 # (B, L, d) or (B*L, d) -> (B*(L-1), d) on device
+        B, L = self.batch_shape
+        return z.reshape(B, L, z.shape[-1])[:, :-1].reshape(-1, z.shape[-1]).to(self.device,
+                                                                              torch.float32)
+
+    def start_batch(self, ids):
+        self.batch_shape, self.last_input = ids.shape, None
+        self.tokens += ids.shape[0] * (ids.shape[1] - 1)
+
+    def forward_hook(self, name):
+        def hook(layer, inputs, y):
             x = inputs[0]
-            if x is last[0]:                                             # same tensor: share A
-                leader[name] = last[1]
+            if x is self.last_input:                       # q, k, v (gate, up) read one tensor
+                self.source[name] = self.last_name
             else:
-                leader[name], last[:] = name, (x, name)
-                x = labelled(x.detach())                                 # (T_batch, n)
-                add_gram(XX, name, x)
-                Xsum[name] = Xsum.get(name, 0) + x.sum(0)
-            if not y.requires_grad:                                      # parameters are frozen:
-                y.requires_grad_()                                       # let gradients start here
-            y.register_hook(backward_hook(name))
+                self.source[name] = self.last_name = name
+                self.last_input = x
+                x = self.labelled(x.detach())                                   # (T, n)
+                add_gram(self.xx_sum.setdefault(name, x.new_zeros(x.shape[1], x.shape[1])), x)
+                self.x_sum[name] = self.x_sum.get(name, 0) + x.sum(0)
+            if not y.requires_grad:                        # parameters are frozen: let the
+                y.requires_grad_()                         # gradient start here
+            y.register_hook(self.backward_hook(name))
             return y
         return hook
 
-    def backward_hook(name):
+    def backward_hook(self, name):
         def hook(g):
-            add_gram(GG, name, labelled(g))                              # g: (T_batch, m)
+            g = self.labelled(g)                                                # (T, m)
+            add_gram(self.gg_sum.setdefault(name, g.new_zeros(g.shape[1], g.shape[1])), g)
         return hook
 
+
+@contextmanager
+def frozen_with_hooks(model, layers, recorder):
+    """Parameters frozen (no weight gradients), eval mode, hooks on; all restored afterwards."""
     params = list(model.parameters())
     needs_grad = [p.requires_grad for p in params]
     was_training = model.training
-    handles = [layer.register_forward_hook(forward_hook(name)) for name, layer in layers.items()]
+    handles = [layer.register_forward_hook(recorder.forward_hook(name))
+               for name, layer in layers.items()]
     try:
         model.eval()
         for p in params:
             p.requires_grad_(False)
-        for ids in (progress(batches) if progress else batches):
-            last[:], B_L[:] = (None, None), ids.shape
-            with torch.enable_grad():                                    # also under no_grad
-                next_token_loss(model, ids).backward()
-            T += ids.shape[0] * (ids.shape[1] - 1)
+        yield
     finally:
         for h in handles:
             h.remove()
@@ -172,94 +188,256 @@ def kfac_factors(model: nn.Module, layers: dict[str, nn.Linear], batches, progre
             p.requires_grad_(r)
         model.train(was_training)
 
-    for S in (*XX.values(), *GG.values()):
-        symmetric(S).div_(T)
-    factors, As = {}, {}
+
+def factor_bytes(layers: dict[str, nn.Linear]) -> int:
+    """float32 bytes of all factors: one A per distinct input width (an upper bound when blocks
+    share inputs as q/k/v do; exact per block for OPT and Llama), one G per layer."""
+    a = {(name.rsplit(".", 1)[0], layer.in_features + (layer.bias is not None))
+         for name, layer in layers.items()}
+    return 4 * (sum(k * k for _, k in a) + sum(l.out_features ** 2 for l in layers.values()))
+
+
+def kfac_factors(model: nn.Module, layers: dict[str, nn.Linear], batches, device=None,
+                 progress=None):
+    """A and G of every layer, averaged over the T labelled tokens. Returns {name: (A, G)} in
+    float32 on `device` (default: the model's); A is (n+1, n+1) with the bias coordinate where the
+    layer has a bias. Layers that read the same input tensor share one A object."""
+    device = device or next(model.parameters()).device
+    rec = Recorder(device)
+    try:
+        with frozen_with_hooks(model, layers, rec):
+            for ids in (progress(batches) if progress else batches):
+                rec.start_batch(ids)
+                with torch.enable_grad():                                # also under no_grad
+                    next_token_loss(model, ids).backward()
+    except torch.OutOfMemoryError as err:
+        raise MemoryError(f"out of memory on {device} while accumulating the curvature factors, "
+                          f"which take about {factor_bytes(layers) / 2**30:.1f} GiB there; keep "
+                          "them in host memory with curvature_device='cpu' "
+                          "(--curvature-device cpu)") from err
+    return assemble_factors(rec, layers)
+
+
+def assemble_factors(rec: Recorder, layers):
+    """Averages, the bias coordinate a~ = [x; 1] of A, and one A object per shared input."""
+    T, A_of, factors = rec.tokens, {}, {}
     for name, layer in layers.items():
-        src, m = leader[name], layer.out_features
-        A = XX[src]
-        if layer.bias is not None:                                       # a~ = [x; 1]
-            if src not in As:
-                s = (Xsum[src] / T)[:, None]
-                As[src] = torch.cat([torch.cat([A, s], 1), torch.cat([s.T, s.new_ones(1, 1)], 1)])
-            A = As[src]
-        factors[name] = (A, GG.get(name, A.new_zeros(m, m)))
+        src = rec.source[name]
+        if src not in A_of:
+            A = mirror(rec.xx_sum[src]).div_(T)                                 # E[x x^T]
+            if layer.bias is not None:
+                mean = (rec.x_sum[src] / T)[:, None]                            # E[x]
+                A = torch.cat([torch.cat([A, mean], 1), torch.cat([mean.T, mean.new_ones(1, 1)], 1)])
+            A_of[src] = A
+        m = layer.out_features
+        G = mirror(rec.gg_sum[name]).div_(T) if name in rec.gg_sum else A_of[src].new_zeros(m, m)
+        factors[name] = (A_of[src], G)
     return factors
 
 
 # ----------------------------------------------------------------------------------------------
-# 4. Damping, inverses and OBS costs. Removing an index set Q minimises 1/2 dtheta^T F dtheta
-#    subject to (theta + dtheta)_Q = 0; cost 1/2 theta_Q^T [(F^-1)_QQ]^-1 theta_Q (paper Sec. 3).
-#    Dead rows (G_ii = 0 or all-zero weights) and dead columns (A_jj = 0 or all-zero weights) are
-#    already removed: they are kept out of the inverses, whose rows/columns there are zero.
+# 4. The quadratic model of one layer and the costs of its candidates.
+#    OBS (Sec. 3.3, Eq. 5): removing an index set Q costs 1/2 theta_Q^T [(F^-1)_QQ]^-1 theta_Q with
+#    F^-1 = G_inv (x) A_inv, the damped inverses. OBD baselines (Sec. 4, "K-OBD", "L-OBD"): no
+#    update follows, so the cost is the quadratic form 1/2 theta_Q^T F_QQ theta_Q of the undamped
+#    F. For every method a single weight, a row and a column then cost
+#        element (i, j): 1/2 g_i a_j W_ij^2      row r: 1/2 g_r w_r^T A w_r      column c: 1/2 a_c w_c^T G w_c
+#    with  surgeon: A = A_hat, G = G_hat, a = 1 / diag(A_inv), g = 1 / diag(G_inv)
+#          K-OBD:   A, G undamped,           a = diag(A),       g = diag(G)
+#          L-OBD:   A undamped, G = I,       a = diag(A),       g = 1
+#          magnitude: A = I, G = I,          a = 1,             g = 1        (None means I).
+#    Dead rows (G_ii = 0, or all-zero weights) and columns (A_jj = 0, or all-zero weights) are
+#    already removed (cost REMOVED); they are kept out of the inverses, and a, g are 0 there.
 
 
 def damped_inverse(X: torch.Tensor, damp: float, dead: torch.Tensor, name: str = "layer"):
-    """X + damp*mean(diag X)*I and its inverse on the live coordinates (float64, Cholesky);
-    both zero on the dead ones."""
-    X = X.double()
-    live = (~dead).nonzero().squeeze(1)
-    Xl = X[live][:, live] + damp * X.diagonal().mean() * torch.eye(len(live), dtype=X.dtype,
-                                                                   device=X.device)
-    L, info = torch.linalg.cholesky_ex(Xl)
+    """X + damp * mean(diag X_live) * I on the live coordinates and its inverse (float64,
+    Cholesky); both zero on the dead coordinates (Sec. 3.2, damping)."""
+    live = (~dead).nonzero()[:, 0]
+    X_live = X[live][:, live].double()
+    X_live.diagonal().add_(damp * X_live.diagonal().mean() if len(live) else 0.0)
+    L, info = torch.linalg.cholesky_ex(X_live)
     if info != 0 or not torch.isfinite(L).all():
         raise ValueError(f"curvature of {name} is not positive definite; increase the damping "
                          f"(--damp-a / --damp-g)")
-    X_hat, X_inv = torch.zeros_like(X), torch.zeros_like(X)
-    X_hat[live[:, None], live] = Xl
+    X_hat = X.new_zeros(X.shape, dtype=torch.float64)
+    X_inv = torch.zeros_like(X_hat)
+    X_hat[live[:, None], live] = X_live
     X_inv[live[:, None], live] = torch.cholesky_inverse(L)
     return X_hat, X_inv
 
 
-def curvature(W, n_in, A, G, settings, name="layer"):
-    """(A_hat, G_hat, A_inv, G_inv) of one layer under each method (paper's baselines):
-    surgeon G (x) A; K-OBD diag(G) (x) diag(A); L-OBD I (x) diag(A); magnitude I (x) I.
-    W is W~ (m, k), the first n_in columns being weights and a last one the bias, if any."""
+@dataclass
+class Quadratic:
+    """One layer's quadratic model, float64 on the layer's device: W~ (m, k), its first n_in
+    columns weights and a last one the bias if any; A (k, k) or None, G (m, m) or None; a (k,),
+    g (m,); A_inv, G_inv for the surgeon's update; dead rows (m,) and columns (k,)."""
+    W: torch.Tensor
+    n_in: int
+    A: torch.Tensor | None
+    G: torch.Tensor | None
+    a: torch.Tensor
+    g: torch.Tensor
+    A_inv: torch.Tensor | None
+    G_inv: torch.Tensor | None
+    dead_rows: torch.Tensor
+    dead_cols: torch.Tensor
+
+
+def quadratic(layer: nn.Linear, A, G, s: Settings, name="layer") -> Quadratic:
+    """The quadratic model of one layer under s.method, from its float32 factors (see above)."""
+    W = get_matrix(layer)
     m, k = W.shape
-    damp_a, damp_g = settings.damp_a, settings.damp_g
-    eye = lambda d: torch.eye(d, dtype=torch.float64, device=W.device)
-    if settings.method == "magnitude":
-        A, G, damp_a, damp_g = eye(k), eye(m), 0.0, 0.0
-    elif settings.method in ("kobd", "lobd"):
-        A = torch.diag(A.diagonal())
-        G = torch.diag(G.diagonal()) if settings.method == "kobd" else eye(m)
-    dead_rows = (G.diagonal() == 0) | (W == 0).all(1)
-    dead_cols = A.diagonal() == 0
-    dead_cols[:n_in] |= (W[:, :n_in] == 0).all(0)         # the bias column never dies of zeros
-    A_hat, A_inv = damped_inverse(A, damp_a, dead_cols, name)
-    G_hat, G_inv = damped_inverse(G, damp_g, dead_rows, name)
-    return A_hat, G_hat, A_inv, G_inv
+    n_in, dev = layer.in_features, W.device
+    A = None if s.method == "magnitude" else A.to(dev, torch.float64)
+    G = G.to(dev, torch.float64) if s.method in ("surgeon", "kobd") else None
+    dead_rows = (W == 0).all(1) | (G.diagonal() == 0 if G is not None else False)
+    dead_cols = A.diagonal() == 0 if A is not None else torch.zeros(k, dtype=torch.bool, device=dev)
+    dead_cols[:n_in] |= (W[:, :n_in] == 0).all(0)          # the bias column never dies of zeros
+    A_inv = G_inv = None
+    if s.method == "surgeon":
+        A, A_inv = damped_inverse(A, s.damp_a, dead_cols, name)
+        G, G_inv = damped_inverse(G, s.damp_g, dead_rows, name)
+        a, g = 1 / A_inv.diagonal(), 1 / G_inv.diagonal()  # 1 / (F^-1)_qq per factor
+    else:
+        a = A.diagonal().clone() if A is not None else torch.ones(k, dtype=W.dtype, device=dev)
+        g = G.diagonal().clone() if G is not None else torch.ones(m, dtype=W.dtype, device=dev)
+    a[dead_cols], g[dead_rows] = 0, 0
+    return Quadratic(W, n_in, A, G, a, g, A_inv, G_inv, dead_rows, dead_cols)
 
 
-def _safe(d: torch.Tensor) -> torch.Tensor:
-    return d.masked_fill(d == 0, math.inf)                 # dead: x / inf = cost 0
+def element_costs(W, a, g):
+    """(m, k) costs 1/2 g_i a_j W_ij^2 of removing one weight each."""
+    return 0.5 * g[:, None] * a[None, :] * W**2
 
 
-def element_costs(W, A_inv, G_inv):
-    """(m, n) costs 1/2 W_ij^2 / (G_inv_ii A_inv_jj) of removing one weight each."""
-    return 0.5 * W**2 / _safe(G_inv.diagonal()[:, None] * A_inv.diagonal()[None, :])
+def row_costs(W, A, g):
+    """(m,) costs 1/2 g_r w_r^T A w_r of removing one whole row (with its bias)."""
+    return 0.5 * g * (((W @ A) * W).sum(1) if A is not None else (W * W).sum(1))
 
 
-def row_costs(W, A, G_inv):
-    """(m,) costs 1/2 w_r^T A w_r / G_inv_rr of removing one whole row (with its bias)."""
-    return 0.5 * ((W @ A) * W).sum(1) / _safe(G_inv.diagonal())
+def column_costs(W, G, a):
+    """(k,) costs 1/2 a_c w_c^T G w_c of removing one whole column."""
+    return 0.5 * a * (((G @ W) * W).sum(0) if G is not None else (W * W).sum(0))
 
 
-def column_costs(W, G, A_inv):
-    """(n,) costs 1/2 w_c^T G w_c / A_inv_cc of removing one whole column."""
-    return 0.5 * ((G @ W) * W).sum(0) / _safe(A_inv.diagonal())
+PAIRS = torch.tensor([[0, 1], [0, 2], [0, 3], [1, 2], [1, 3], [2, 3]])   # the 2:4 choices
 
 
-def two_four_mask(costs):
-    """(m, n) bool: the 2 cheapest of every 4 consecutive inputs of each row."""
-    m, n = costs.shape
-    cheapest = costs.reshape(m, n // 4, 4).topk(2, dim=-1, largest=False).indices
-    mask = torch.zeros(m, n // 4, 4, dtype=torch.bool, device=costs.device)
-    return mask.scatter_(-1, cheapest, True).reshape(m, n)
+def pair_costs(W, A, a, g, method):
+    """(m, n/4, 6) costs of removing each pair of 4 consecutive inputs of a row. OBD: the pair's
+    quadratic form 1/2 g_i w_Q^T A_QQ w_Q, cross term included; surgeon (paper) and magnitude:
+    the sum of the two element costs."""
+    m, n = W.shape
+    w = W.reshape(m, n // 4, 4)[..., PAIRS]                                     # (m, n/4, 6, 2)
+    if method in ("kobd", "lobd"):
+        groups = torch.arange(n, device=W.device).reshape(n // 4, 4)[:, PAIRS]  # (n/4, 6, 2)
+        P = A[groups[..., :, None], groups[..., None, :]]                      # (n/4, 6, 2, 2)
+        return 0.5 * g[:, None, None] * torch.einsum("mgpi,gpij,mgpj->mgp", w, P, w)
+    return (0.5 * g[:, None, None, None] * a.reshape(n // 4, 4)[:, PAIRS] * w**2).sum(-1)
+
+
+def candidates(q: Quadratic, structure: str, method: str):
+    """Costs of one layer's candidates (1-D float32; REMOVED where already removed) and what each
+    adds to the zeros: rowcol -> (rows then columns, the (m, n_in) nonzero pattern); unstructured
+    -> (weights, 1 per nonzero weight); 2:4 -> (groups, nonzeros in the group's cheapest pair)."""
+    W, n = q.W[:, :q.n_in], q.n_in
+    nonzero = W != 0
+    removed = ~nonzero | q.dead_rows[:, None] | q.dead_cols[None, :n]
+    if structure == "rowcol":
+        rows = row_costs(q.W, q.A, q.g).masked_fill(q.dead_rows, REMOVED)
+        cols = column_costs(q.W, q.G, q.a)[:n].masked_fill(q.dead_cols[:n], REMOVED)
+        return torch.cat([rows, cols]).float(), nonzero
+    if structure == "unstructured":
+        cost = element_costs(W.masked_fill(removed, 0), q.a[:n], q.g)
+        return cost.masked_fill(removed, REMOVED).flatten().float(), nonzero.flatten().to(torch.uint8)
+    pair = group_choice(q, method, removed)                                     # (m, n/4, 4)
+    live = W.masked_fill(removed, 0).reshape(pair.shape)
+    cost = pair_costs(live.reshape(W.shape), q.A, q.a[:n], q.g, method).min(-1).values
+    gone = ((pair & ~removed.reshape(pair.shape)).sum(-1) == 0)
+    gain = (pair & nonzero.reshape(pair.shape)).sum(-1)
+    return cost.masked_fill(gone, REMOVED).flatten().float(), gain.flatten().to(torch.uint8)
+
+
+def group_choice(q: Quadratic, method: str, removed: torch.Tensor):
+    """(m, n/4, 4) bool: the cheapest pair of every group of 4 consecutive inputs."""
+    W = q.W[:, :q.n_in].masked_fill(removed, 0)
+    best = pair_costs(W, q.A, q.a[:q.n_in], q.g, method).argmin(-1)             # (m, n/4)
+    pair = torch.zeros(*best.shape, 4, dtype=torch.bool, device=W.device)
+    return pair.scatter_(-1, PAIRS.to(W.device)[best], True)
 
 
 # ----------------------------------------------------------------------------------------------
-# 5. OBS updates: dtheta = -F^-1 E_Q [(F^-1)_QQ]^-1 theta_Q with F^-1 = G_inv (x) A_inv.
+# 5. Global threshold (Sec. 3.4, "dynamic allocation"): pool the candidates of all layers and take
+#    the cheapest until `target` of the prunable weights are zero. Zeros count whatever made
+#    them: weights already zero, removed ones, and a candidate adds only the nonzero weights it
+#    zeroes (a row only those not in a column taken before it, and a column likewise).
+
+
+def select(costs, gains, structure, target, zeros):
+    """One bool tensor per layer: the candidates taken. costs and gains as `candidates` returns
+    them, target the number of zero weights wanted, zeros the number there are now."""
+    if structure == "rowcol":
+        return _select_rowcol(costs, gains, target, zeros)
+    return _select_threshold(costs, gains, target, zeros)
+
+
+def _select_threshold(costs, gains, target, zeros):
+    """Fixed gains per candidate: the smallest cost threshold that reaches the target, found by
+    bisection on the float32 bit patterns (no sort or copy of ~1e8 costs); ties at the threshold
+    are taken in order until the target is met, so the count is exact to one candidate."""
+    forced = [c == REMOVED for c in costs]
+    need = target - zeros - sum(int(gn[f].sum()) for gn, f in zip(gains, forced))
+    bits = [c.view(torch.int32) for c in costs]              # order of non-negative float32
+
+    def reached(t):                                          # zeros added by costs <= t
+        return sum(int(gn[(b <= t) & ~f].sum()) for gn, b, f in zip(gains, bits, forced))
+
+    lo, hi = -1, int(torch.tensor(float("inf")).view(torch.int32))
+    if need <= 0:
+        hi = -1
+    elif reached(hi) < need:                                  # not reachable: take everything
+        return [torch.ones_like(f) for f in forced]
+    while hi - lo > 1:                                        # smallest t with reached(t) >= need
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if reached(mid) >= need else (mid, hi)
+    taken = [f | ((b < hi) & ~f) for f, b in zip(forced, bits)]
+    short = need - sum(int(gn[t & ~f].sum()) for gn, t, f in zip(gains, taken, forced))
+    for t, b, gn in zip(taken, bits, gains):                  # ties at the threshold, in order
+        if short <= 0:
+            break
+        tie = (b == hi).nonzero()[:, 0]
+        k = int((gn[tie].long().cumsum(0) < short).sum()) + 1
+        t[tie[:k]] = True
+        short -= int(gn[tie[:k]].sum())
+    return taken
+
+
+def _select_rowcol(costs, nonzero, target, zeros):
+    """Sort all rows and columns (few); each one's gain follows from the global order: a row r
+    adds the nonzeros of its columns taken after it, sum_c nz[r, c] [rank c > rank r]."""
+    flat = torch.cat([c.cpu() for c in costs])
+    order = flat.argsort(stable=True)
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(len(order))
+    gains, start = [], 0
+    for nz in nonzero:
+        m, n = nz.shape
+        r, c = rank[start:start + m].to(nz.device), rank[start + m:start + m + n].to(nz.device)
+        later = c[None, :] > r[:, None]                                          # (m, n)
+        gains += [(nz & later).sum(1).cpu(), (nz & ~later).sum(0).cpu()]
+        start += m + n
+    added = torch.cat(gains)[order].cumsum(0)                 # zeros added by each prefix
+    forced = int((flat == REMOVED).sum())
+    k = max(forced, min(len(flat), int((zeros + added < target).sum()) + (target > zeros)))
+    taken = torch.zeros(len(flat), dtype=torch.bool)
+    taken[order[:k]] = True
+    return [t.to(c.device) for t, c in zip(taken.split([len(c) for c in costs]), costs)]
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. OBS updates (Sec. 3.3, Eq. 6): dtheta = -F^-1 E_Q [(F^-1)_QQ]^-1 theta_Q, F^-1 = G_inv (x) A_inv.
+#    The OBD baselines have a diagonal-free update of zero: they only zero what they remove.
 
 
 def remove_rows_columns(W, A_inv, G_inv, rows, cols):
@@ -280,171 +458,218 @@ def remove_rows_columns(W, A_inv, G_inv, rows, cols):
 
 
 def remove_elements(W, A_inv, G_inv, mask, max_correlate):
-    """Remove the weights in `mask` (m, n) with correlated OBS updates. The exact system
+    """Remove the weights in `mask` (m, k) with correlated OBS updates. The exact system
     C_qq' = G_inv[i_q, i_q'] A_inv[j_q, j_q'] is solved in chunks of whole rows holding at most
     max_correlate removed weights, each chunk on the weights as updated by those before it;
     everything in the mask is zeroed at the end. G = I and one row a chunk is per-row OBS.
-    Chunk R's update is dW = -G_inv[:, R] U_R with U_R = M_R A_inv. As in SparseGPT, updates are
-    applied lazily: a block of up to LAZY_ROWS rows collects its U's, brings each chunk's rows up
-    to date from them, and updates all of W in one product at the end of the block."""
+    Chunk R's update is dW = -G_inv[:, R] U_R, U_R = M_R A_inv with M_R = C^-1 w_Q on Q.
+    As in SparseGPT, updates are applied lazily: a block of up to LAZY_ROWS rows collects its
+    U's, brings each chunk's w_Q up to date from them, and updates all of W in one product."""
     W = W.to(G_inv.dtype).clone()
-    g, a = G_inv.diagonal(), A_inv.diagonal()
-    solve = mask & (g[:, None] > 0) & (a[None, :] > 0)      # dead entries: only zeroed
-    chunks = list(_row_chunks(solve.sum(1).tolist(), max_correlate))
+    solve = mask & (G_inv.diagonal()[:, None] > 0) & (A_inv.diagonal()[None, :] > 0)
+    chunks = _row_chunks(solve.sum(1).tolist(), max_correlate)
     while chunks:
         block = [chunks.pop(0)]
-        while chunks and sum(map(len, block)) + len(chunks[0]) <= LAZY_ROWS:
+        while chunks and sum(len(R) for R in block) + len(chunks[0]) <= LAZY_ROWS:
             block.append(chunks.pop(0))
-        B = torch.tensor([row for R in block for row in R], device=W.device)
-        U = torch.zeros(len(B), W.shape[1], dtype=W.dtype, device=W.device)  # (|B|, n)
+        B = torch.tensor([i for R in block for i in R], device=W.device)       # block rows
+        G_B = G_inv[:, B]                                                       # (m, |B|)
+        U = W.new_zeros(len(B), W.shape[1])                                     # (|B|, k)
         start = 0
         for R in block:
-            R, here = B[start:start + len(R)], slice(start, start + len(R))
-            start += len(R)
-            r, j = solve[R].nonzero(as_tuple=True)              # Q as (row in chunk, column)
-            A_j, G_R = A_inv[j], G_inv[R]                        # (|Q|, n), (|R|, m)
-            C = G_R[:, R][r][:, r] * A_j[:, j]                   # (|Q|, |Q|)
-            L, info = torch.linalg.cholesky_ex(C)
+            here, start = slice(start, start + len(R)), start + len(R)
+            r, j = solve[R].nonzero(as_tuple=True)                              # Q in chunk R
+            i = B[here][r]
+            G_ii = G_inv[i[:, None], i] if len(R) > 1 else G_inv[i[0], i[0]]   # one row: scalar
+            C = G_ii * A_inv[j[:, None], j]                                     # (|Q|, |Q|)
+            T, info = torch.linalg.cholesky_ex(C, upper=True)                   # C = T^T T
             if info != 0:
                 raise ValueError("correlated update is not positive definite; increase the damping")
-            w = W[R[r], j] - (G_R[:, B] @ U)[r, j]               # W_Q as updated so far
-            E = torch.zeros(len(R), len(j), dtype=W.dtype, device=W.device)
-            E[r, torch.arange(len(j), device=W.device)] = torch.cholesky_solve(w[:, None], L)[:, 0]
-            U[here] = E @ A_j                                    # M_R A_inv
-        W -= G_inv[:, B] @ U                                     # dW = -G_inv M A_inv
+            w = W[i, j] - (G_B[R] @ U)[r, j]                                    # w_Q as updated
+            M = W.new_zeros(len(R), W.shape[1])
+            M[r, j] = torch.cholesky_solve(w[:, None], T, upper=True)[:, 0]     # C^-1 w_Q
+            U[here] = M @ A_inv                                                 # M_R A_inv
+        W -= G_B @ U                                                            # -G_inv M A_inv
     W[mask] = 0
     return W
 
 
-LAZY_ROWS = 128                                             # rows a block updates lazily
-
-
 def _row_chunks(counts: list[int], max_correlate: int):
-    chunk, size = [], 0
+    """Consecutive rows that remove something, in chunks holding at most max_correlate removed
+    weights (a row that removes more is a chunk of its own)."""
+    chunks, rows, size = [], [], 0
     for row, c in enumerate(counts):
         if c == 0:
             continue
-        if chunk and size + c > max_correlate:
-            yield chunk
-            chunk, size = [], 0
-        chunk.append(row)
+        if rows and size + c > max_correlate:
+            chunks.append(rows)
+            rows, size = [], 0
+        rows.append(row)
         size += c
-    if chunk:
-        yield chunk
+    return chunks + ([rows] if rows else [])
 
 
-# ----------------------------------------------------------------------------------------------
-# 6. Global threshold (paper Sec. 3, "dynamic allocation"): pool the candidates of all layers,
-#    cheapest first, until the shot's number of zero weights is reached. Already-removed
-#    candidates are marked with cost -1 and always taken.
-
-
-def candidates(structure, W, n_in, A_hat, G_hat, A_inv, G_inv):
-    """1-D costs of one layer's candidates: rows then columns, weights, or 2:4 groups."""
-    g, a = G_inv.diagonal(), A_inv.diagonal()[:n_in]
-    if structure == "rowcol":
-        rows = row_costs(W, A_hat, G_inv).masked_fill(g == 0, -1)
-        cols = column_costs(W, G_hat, A_inv)[:n_in].masked_fill(a == 0, -1)
-        return torch.cat([rows, cols])
-    e = _element_candidates(W, n_in, A_inv, G_inv)
-    if structure == "unstructured":
-        return e.flatten()
-    two = e.reshape(len(e), -1, 4).topk(2, dim=-1, largest=False).values   # (m, n/4, 2)
-    return two.clamp(min=0).sum(-1).masked_fill((two < 0).all(-1), -1).flatten()
-
-
-def _element_candidates(W, n_in, A_inv, G_inv):
-    e = element_costs(W, A_inv, G_inv)[:, :n_in]
-    gone = (W[:, :n_in] == 0) | (G_inv.diagonal()[:, None] == 0) | (A_inv.diagonal()[:n_in] == 0)
-    return e.masked_fill(gone, -1)
-
-
-def select(costs, shapes, structure, target):
-    """Take the cheapest candidates of all layers until `target` weights are zero. shapes are
-    (m, n_in) per layer; counts are exact: 1 per weight, 2 per 2:4 group, and in a layer with
-    r rows and c columns removed, r n + c m - r c. Returns one bool tensor per layer."""
-    dev = costs[0].device
-    flat = torch.cat([c.to(dev, torch.float32) for c in costs])
-    forced = int((flat < 0).sum())                           # already removed stay removed
-    if structure == "rowcol":                                # few candidates: sort them all
-        order = flat.argsort()
-        done = _rowcol_gains(order, shapes, dev).cumsum(0)
-        k = max(forced, min(len(flat), int((done < target).sum()) + (target > 0)))
-        taken = torch.zeros(len(flat), dtype=torch.bool, device=dev)
-        taken[order[:k]] = True
-    else:                                                    # fixed count: the k smallest
-        k = max(forced, min(len(flat), math.ceil(target / (1 if structure == "unstructured" else 2))))
-        taken = _k_smallest(flat, k)
-    return list(taken.split([len(c) for c in costs]))
-
-
-def _k_smallest(x, k):
-    if k == 0:
-        return torch.zeros_like(x, dtype=torch.bool)
-    kth = x.kthvalue(k).values
-    taken = x < kth
-    ties = (x == kth).nonzero()[:k - int(taken.sum()), 0]
-    taken[ties] = True
-    return taken
-
-
-def _rowcol_gains(order, shapes, dev):
-    """Weights each candidate zeroes when taken in `order`: n - (columns of its layer taken
-    before) for a row, m - (rows taken before) for a column."""
-    m = torch.tensor([s[0] for s in shapes], device=dev)
-    n = torch.tensor([s[1] for s in shapes], device=dev)
-    layer = torch.repeat_interleave(torch.arange(len(shapes), device=dev), m + n)
-    is_row = torch.cat([torch.arange(a + b, device=dev) < a for a, b in shapes])
-    lay, row = layer[order], is_row[order].long()
-    by_layer = torch.argsort(lay, stable=True)               # grouped by layer, cost order kept
-    lay, row = lay[by_layer], row[by_layer]
-    start = torch.cumsum(m + n, 0) - (m + n)                  # first index of each layer's group
-    rows_before = row.cumsum(0) - row
-    cols_before = (1 - row).cumsum(0) - (1 - row)
-    rows_before = rows_before - rows_before[start][lay]
-    cols_before = cols_before - cols_before[start][lay]
-    g = torch.where(row.bool(), n[lay] - cols_before, m[lay] - rows_before)
-    gain = torch.empty_like(g)
-    gain[by_layer] = g
-    return gain
-
-
-def apply(structure, method, W, n_in, taken, A_inv, G_inv, max_correlate):
-    """The new W~ of one layer once its candidates `taken` are chosen."""
-    m = W.shape[0]
-    W = W.clone()
-    W[G_inv.diagonal() == 0] = 0                              # dead rows and columns
-    W[:, A_inv.diagonal() == 0] = 0
-    if structure == "rowcol":
-        rows, cols = taken[:m].nonzero()[:, 0], taken[m:].nonzero()[:, 0]
-        if method == "surgeon":
-            return remove_rows_columns(W, A_inv, G_inv, rows, cols)
-        W[rows] = 0
-        W[:, cols] = 0
+def apply(q: Quadratic, taken: torch.Tensor, s: Settings) -> torch.Tensor:
+    """The new W~ of one layer once its candidates `taken` are chosen. Weights that are already
+    zero stay zero: they are constraints of the element update, and re-zeroed after a row and
+    column update (which would otherwise move them)."""
+    W, n = q.W.clone(), q.n_in
+    W[q.dead_rows] = 0
+    W[:, q.dead_cols] = 0
+    removed = W[:, :n] == 0                                   # (m, n): zero or dead
+    if s.structure == "rowcol":
+        rows, cols = taken[:len(W)].nonzero()[:, 0], taken[len(W):].nonzero()[:, 0]
+        if s.method == "surgeon":
+            W = remove_rows_columns(W, q.A_inv, q.G_inv, rows, cols)
+        W[rows], W[:, cols] = 0, 0
+        W[:, :n][removed] = 0
         return W
-    if structure == "unstructured":
-        mask = taken.reshape(m, n_in)
+    if s.structure == "unstructured":
+        mask = taken.reshape(len(W), n) | removed
     else:
-        e = _element_candidates(W, n_in, A_inv, G_inv)
-        mask = two_four_mask(e) & taken.reshape(m, n_in // 4).repeat_interleave(4, 1)
-    mask = F.pad(mask, (0, W.shape[1] - n_in))                # the bias is never a candidate
-    if method == "surgeon":
-        return remove_elements(W, A_inv, G_inv, mask, max_correlate)
+        groups = taken.reshape(len(W), n // 4, 1)
+        mask = (group_choice(q, s.method, removed) & groups).reshape(len(W), n) | removed
+    mask = F.pad(mask, (0, W.shape[1] - n))                    # the bias is never a candidate
+    if s.method == "surgeon":                                 # OBD makes no update (Sec. 4)
+        return remove_elements(W, q.A_inv, q.G_inv, mask, s.max_correlate)
     return W.masked_fill(mask, 0)
 
 
 # ----------------------------------------------------------------------------------------------
-# 7. The multi-shot loop (paper Sec. 3, "multi-shot"): shot t of T removes up to s t / T of the
-#    weights, with A and G re-estimated on the partly pruned model each time.
+# 7. Interleaved low-rank first-order updates (Sec. 3.5; off by default). Every pruned layer gets
+#    W~ <- W~ + (B A^T) * M, M its keep mask at the start of the phase, B (m, r) starting at zero;
+#    a few Adam steps on the calibration windows with the curvature's loss, then the product is
+#    folded into the weights. The mask keeps every structure exactly: removed entries stay 0.
+
+
+def low_rank_phase(model: nn.Module, layers: dict[str, nn.Linear], batches, s: Settings):
+    adapters, handles = {}, []
+
+    def hook(name):
+        def add(layer, inputs, y):
+            B, A, M = adapters[name]
+            dW = (B @ A.T) * M                                                  # (m, k)
+            bias = dW[:, layer.in_features] if layer.bias is not None else None
+            return y + F.linear(inputs[0], dW[:, :layer.in_features], bias)
+        return add
+
+    for name, layer in layers.items():
+        W = get_matrix(layer)
+        m, k = W.shape
+        A = torch.randn(k, s.lora_rank, device=W.device) / k**0.5
+        B = torch.zeros(m, s.lora_rank, device=W.device)
+        adapters[name] = (B.requires_grad_(), A.requires_grad_(), (W != 0).float())
+        handles.append(layer.register_forward_hook(hook(name)))
+    params = list(model.parameters())
+    needs_grad = [p.requires_grad for p in params]
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        opt = torch.optim.Adam([t for B, A, _ in adapters.values() for t in (B, A)], lr=s.lora_lr)
+        for step in range(s.lora_steps):
+            ids = batches[step % len(batches)]
+            with torch.enable_grad():
+                loss = next_token_loss(model, ids) / len(ids)
+                opt.zero_grad()
+                loss.backward()
+            opt.step()
+    finally:
+        for h in handles:
+            h.remove()
+        for p, r in zip(params, needs_grad):
+            p.requires_grad_(r)
+    with torch.no_grad():
+        for name, layer in layers.items():
+            B, A, M = adapters[name]
+            set_matrix(layer, get_matrix(layer) + ((B @ A.T) * M).double())
+
+
+# ----------------------------------------------------------------------------------------------
+# 8. The multi-shot loop (Sec. 3.6): shot t of T removes up to s t / T of the weights, with A and
+#    G re-estimated on the partly pruned model each time.
 
 
 def layer_sparsity(layers: dict[str, nn.Linear]) -> dict[str, float]:
     return {name: (layer.weight == 0).float().mean().item() for name, layer in layers.items()}
 
 
+def count_zeros(layers: dict[str, nn.Linear]) -> int:
+    return sum(int((layer.weight == 0).sum()) for layer in layers.values())
+
+
 def overall_sparsity(layers: dict[str, nn.Linear]) -> float:
-    zeros = sum(int((layer.weight == 0).sum()) for layer in layers.values())
-    return zeros / sum(layer.weight.numel() for layer in layers.values())
+    return count_zeros(layers) / sum(layer.weight.numel() for layer in layers.values())
+
+
+@contextmanager
+def timed(seconds: dict, stage: str):
+    tic = time.perf_counter()
+    yield
+    seconds[stage] = seconds.get(stage, 0.0) + time.perf_counter() - tic
+
+
+def shot(model, layers, batches, target, s: Settings, progress):
+    """One shot: curvature, costs of all candidates, global threshold, updates layer by layer.
+    Returns the seconds of each stage."""
+    seconds = {}
+    with timed(seconds, "curvature"):                                      # Sec. 3.1
+        factors = {}
+        if s.method != "magnitude":
+            factors = kfac_factors(model, layers, progress(batches, "curvature"),
+                                   s.curvature_device)
+            check_finite(factors)
+
+    def model_of(name, layer):                                             # Sec. 3.2, float64
+        return quadratic(layer, *factors.get(name, (None, None)), s, name)
+
+    with timed(seconds, "costs"):                                          # Sec. 3.3-3.4
+        costs, gains = zip(*(candidates(model_of(name, layer), s.structure, s.method)
+                             for name, layer in layers.items()))
+        taken = select(costs, gains, s.structure, target, count_zeros(layers))
+        del costs, gains
+    with timed(seconds, "updates"):                                        # Sec. 3.3, Eq. 6
+        for (name, layer), chosen in zip(progress(list(layers.items()), "updates"), taken):
+            set_matrix(layer, apply(model_of(name, layer), chosen, s))
+    if s.lora_steps:                                                       # Sec. 3.5
+        with timed(seconds, "lora"):
+            low_rank_phase(model, layers, batches, s)
+    return seconds
+
+
+def prune(model: nn.Module, batches, settings: Settings, on_shot=None, progress=None,
+          first_shot: int = 1):
+    """Prune `model` in place. batches: a list of (B, L) token id tensors on the model's device.
+    on_shot(record) is called after each shot with that shot's record (a dict); progress(iterable,
+    description) may wrap the long loops (e.g. tqdm); first_shot > 1 continues a run whose
+    earlier shots are already in the model. Returns a report: overall and per-layer sparsity and
+    the record of every shot."""
+    s = settings
+    layers = prunable_layers(model)
+    batches = list(batches)
+    check(s, layers, batches)
+    wrap = progress or (lambda it, desc: it)
+    total = sum(layer.weight.numel() for layer in layers.values())
+    records = []
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")                    # no TF32 on CUDA
+    try:
+        for t in range(first_shot, s.shots + 1 if s.sparsity > 0 else first_shot):
+            target = round(s.sparsity * total * t / s.shots)          # linear schedule
+            try:
+                seconds = shot(model, layers, batches, target, s,
+                               lambda it, desc: wrap(it, f"shot {t}/{s.shots} {desc}"))
+            except Exception as err:
+                err.add_note(f"shot {t} of {s.shots} failed; {overall_sparsity(layers):.1%} of the "
+                             "weights are zero now")
+                raise
+            records.append({"shot": t, "target": target / total,
+                            "sparsity": overall_sparsity(layers), "seconds": seconds})
+            if on_shot:
+                on_shot(records[-1])
+    finally:
+        torch.set_float32_matmul_precision(precision)
+    return {"sparsity": overall_sparsity(layers), "layers": layer_sparsity(layers),
+            "shots": records}
 
 
 def check(settings: Settings, layers=None, batches=None):
@@ -459,9 +684,13 @@ def check(settings: Settings, layers=None, batches=None):
         raise ValueError(f"sparsity must be in [0, 1), got {s.sparsity}")
     if s.shots < 1 or s.max_correlate < 1 or s.damp_a < 0 or s.damp_g < 0:
         raise ValueError("shots and max_correlate must be >= 1, damping >= 0")
+    if s.lora_steps < 0 or s.lora_rank < 1 or s.lora_lr <= 0:
+        raise ValueError("lora_steps must be >= 0, lora_rank >= 1 and lora_lr > 0")
     if s.structure == "2:4" and s.sparsity > 0.5:
         raise ValueError(f"2:4 removes at most half of the weights; sparsity {s.sparsity} "
                          "cannot be met")
+    if s.curvature_device is not None:
+        check_device(s.curvature_device)
     if layers is None:
         return
     if not layers:
@@ -469,8 +698,24 @@ def check(settings: Settings, layers=None, batches=None):
     odd = [name for name, layer in layers.items() if layer.in_features % 4]
     if s.structure == "2:4" and odd:
         raise ValueError(f"2:4 needs input widths divisible by 4; not so for {odd[:3]}")
-    if s.method != "magnitude" and s.sparsity > 0 and len(batches) == 0:
+    needs_data = s.method != "magnitude" or s.lora_steps > 0
+    if needs_data and s.sparsity > 0 and len(batches) == 0:
         raise ValueError("calibration data is empty")
+
+
+def check_device(name: str) -> torch.device:
+    """A torch.device that exists here, or ValueError."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r} (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and (not torch.cuda.is_available()
+                                  or (device.index or 0) >= torch.cuda.device_count()):
+        raise ValueError(f"device {name!r} is not available here"
+                         + ("" if torch.cuda.is_available() else " (no CUDA)"))
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {name!r} is not supported (cpu or cuda)")
+    return device
 
 
 def check_finite(factors):
@@ -479,185 +724,3 @@ def check_finite(factors):
             if not torch.isfinite(X).all():
                 raise ValueError(f"non-finite curvature {what} in layer {name}: check the model "
                                  "and data (float32?), or increase the damping")
-
-
-def prune(model: nn.Module, batches, settings: Settings, on_shot=None, progress=None):
-    """Prune `model` in place. batches: a list of (B, L) token id tensors on the model's device.
-    on_shot(record) is called after each shot with that shot's record (a dict); progress(iterable,
-    description) may wrap the long loops (e.g. tqdm). Returns a report: overall and per-layer
-    sparsity and the record of every shot."""
-    s = settings
-    layers = prunable_layers(model)
-    batches = list(batches)
-    check(s, layers, batches)
-    wrap = progress or (lambda it, desc: it)
-    total = sum(layer.weight.numel() for layer in layers.values())
-    shapes = [(layer.out_features, layer.in_features) for layer in layers.values()]
-    shots, done = [], 0
-    precision = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")                    # no TF32 on CUDA
-    try:
-        for t in range(1, s.shots + 1 if s.sparsity > 0 else 1):
-            target = round(s.sparsity * total * t / s.shots)        # linear schedule
-            seconds = {}
-            try:
-                tic = time.perf_counter()
-                factors = {}
-                if s.method != "magnitude":
-                    factors = kfac_factors(model, layers, wrap(batches, f"shot {t}/{s.shots} curvature"))
-                    check_finite(factors)
-                seconds["curvature"] = time.perf_counter() - tic
-
-                tic = time.perf_counter()
-                inverses, costs = [], []
-                for name, layer in layers.items():
-                    W = get_matrix(layer)
-                    A, G = factors.get(name, (None, None))
-                    A_hat, G_hat, A_inv, G_inv = curvature(W, layer.in_features, A, G, s, name)
-                    costs.append(candidates(s.structure, W, layer.in_features,
-                                            A_hat, G_hat, A_inv, G_inv))
-                    inverses.append((A_inv, G_inv))
-                del factors
-                taken = select(costs, shapes, s.structure, target)
-                seconds["inverses_costs"] = time.perf_counter() - tic
-
-                tic = time.perf_counter()
-                for i, (name, layer) in enumerate(wrap(list(layers.items()), f"shot {t}/{s.shots} updates")):
-                    W = apply(s.structure, s.method, get_matrix(layer), layer.in_features,
-                              taken[i], *inverses[i], s.max_correlate)
-                    set_matrix(layer, W)
-                    done = t - 1 + (i + 1) / len(layers)
-                seconds["updates"] = time.perf_counter() - tic
-            except Exception as err:
-                if done > 0:
-                    err.add_note(f"the model is left pruned: {overall_sparsity(layers):.1%} of the "
-                                 f"weights are zero after {done:.2f} of {s.shots} shots")
-                raise
-            record = {"shot": t, "target": target / total,
-                      "sparsity": overall_sparsity(layers), "seconds": seconds}
-            shots.append(record)
-            if on_shot:
-                on_shot(record)
-    finally:
-        torch.set_float32_matmul_precision(precision)
-    return {"sparsity": overall_sparsity(layers), "layers": layer_sparsity(layers), "shots": shots}
-
-
-# ----------------------------------------------------------------------------------------------
-# 8. Compaction: after rows-and-columns pruning, cut what is entirely dead out of the matrices,
-#    so that the model really gets smaller. Model-aware only in the names it looks for:
-#    an MLP is (fc1, fc2) as in OPT or (gate_proj, up_proj, down_proj) as in Llama; attention is
-#    q/k/v_proj with o_proj or out_proj and a head_dim attribute.
-
-
-def _zero(x: torch.Tensor) -> torch.Tensor:
-    """(k, ...) -> (k,): True where the slice x[i] is all zero."""
-    return x.reshape(len(x), -1).eq(0).all(1)
-
-
-@torch.no_grad()
-def _keep(layer: nn.Linear, rows=None, cols=None):
-    """Shrink a layer in place to the kept output rows / input columns."""
-    W = layer.weight
-    W = W[rows] if rows is not None else W
-    W = W[:, cols] if cols is not None else W
-    layer.weight = nn.Parameter(W.clone(), requires_grad=layer.weight.requires_grad)
-    if layer.bias is not None and rows is not None:
-        layer.bias = nn.Parameter(layer.bias[rows].clone(), requires_grad=layer.bias.requires_grad)
-    layer.out_features, layer.in_features = W.shape
-
-
-@torch.no_grad()
-def _compact_mlp(up: list[nn.Linear], down: nn.Linear, act, gated: bool) -> int:
-    """Remove hidden units that cannot change the output. Ungated (OPT): unit i is dead when
-    down's column i is zero, or when up's row i is zero in its weights, so that it outputs the
-    constant act(b_i), which is folded into down's bias. Gated (Llama): act(gate x) * (up x) is
-    zero when either row is zero with zero bias (act(0) = 0 for SiLU) or down's column is."""
-    dead = _zero(down.weight.T)
-    if gated:
-        gate, lin = up
-        dead |= _zero(get_matrix(lin)) | (_zero(get_matrix(gate)) & bool(act(torch.zeros(1)) == 0))
-    else:
-        (fc1,) = up
-        const = act(fc1.bias) if fc1.bias is not None else fc1.weight.new_zeros(len(fc1.weight))
-        quiet = _zero(fc1.weight) & ((const == 0) | (down.bias is not None))
-        if down.bias is not None:
-            down.bias += down.weight[:, quiet] @ const[quiet]
-        dead |= quiet
-    keep = (~dead).nonzero()[:, 0]
-    for layer in up:
-        _keep(layer, rows=keep)
-    _keep(down, cols=keep)
-    return int(dead.sum())
-
-
-@torch.no_grad()
-def _compact_attention(attn: nn.Module) -> int:
-    """Remove heads whose output is exactly zero: their o/out_proj columns are zero, or their
-    v rows (with bias) are. With grouped k/v heads, only whole groups go. Returns heads removed."""
-    q, k, v = attn.q_proj, attn.k_proj, attn.v_proj
-    o = attn.o_proj if hasattr(attn, "o_proj") else attn.out_proj
-    d, dev = attn.head_dim, q.weight.device
-    heads, kv = q.out_features // d, k.out_features // d
-    group = heads // kv
-    silent = _zero(o.weight.T.reshape(heads, d, -1)) | \
-        _zero(get_matrix(v).reshape(kv, d, -1)).repeat_interleave(group)
-    gone = silent.reshape(kv, group).all(1)                  # whole groups only
-    gone[0] &= not gone.all()                                # attention needs a head
-    keep_kv = (~gone).nonzero()[:, 0]
-    keep_q = (keep_kv[:, None] * group + torch.arange(group, device=dev)).flatten()
-    rows_q = (keep_q[:, None] * d + torch.arange(d, device=dev)).flatten()
-    rows_kv = (keep_kv[:, None] * d + torch.arange(d, device=dev)).flatten()
-    _keep(q, rows=rows_q)
-    _keep(k, rows=rows_kv)
-    _keep(v, rows=rows_kv)
-    _keep(o, cols=rows_q)
-    for name, value in (("num_heads", len(keep_q)), ("num_key_value_heads", len(keep_kv))):
-        if hasattr(attn, name):
-            setattr(attn, name, value)
-    return int(gone.sum()) * group
-
-
-def compact(model: nn.Module) -> dict:
-    """Cut dead MLP units and attention heads out of the weight matrices; the function computed
-    stays the same. Zeros elsewhere stay: in heads and units that still work, and in input
-    columns that read the residual stream, whose width every block shares. Returns counts and
-    the new shapes (for `resize`)."""
-    report = {"params_before": sum(p.numel() for p in model.parameters()),
-              "mlp_units_removed": 0, "heads_removed": 0}
-    for module in list(model.modules()):
-        if all(hasattr(module, n) for n in ("fc1", "fc2", "activation_fn")):
-            report["mlp_units_removed"] += _compact_mlp([module.fc1], module.fc2,
-                                                        module.activation_fn, gated=False)
-        elif all(hasattr(module, n) for n in ("gate_proj", "up_proj", "down_proj", "act_fn")):
-            report["mlp_units_removed"] += _compact_mlp([module.gate_proj, module.up_proj],
-                                                        module.down_proj, module.act_fn, gated=True)
-        elif all(hasattr(module, n) for n in ("q_proj", "k_proj", "v_proj", "head_dim")):
-            report["heads_removed"] += _compact_attention(module)
-    layers = prunable_layers(model)
-    report["params_after"] = sum(p.numel() for p in model.parameters())
-    report["zeros_kept"] = sum(int((l.weight == 0).sum()) for l in layers.values())
-    report["zero_columns_kept"] = sum(int(_zero(l.weight.T).sum()) for l in layers.values())
-    report["shapes"] = shapes(model)
-    return report
-
-
-def shapes(model: nn.Module) -> dict:
-    """What `resize` needs to rebuild a compacted model from its original config."""
-    return {"linear": {name: list(m.weight.shape) for name, m in model.named_modules()
-                       if isinstance(m, nn.Linear)},
-            "heads": {name: {k: getattr(m, k) for k in ("num_heads", "num_key_value_heads")
-                             if hasattr(m, k)}
-                      for name, m in model.named_modules() if hasattr(m, "head_dim")}}
-
-
-@torch.no_grad()
-def resize(model: nn.Module, spec: dict):
-    """Give a freshly built model the shapes of a compacted one (weights still to be loaded)."""
-    for name, (out_f, in_f) in spec["linear"].items():
-        layer = model.get_submodule(name)
-        if tuple(layer.weight.shape) != (out_f, in_f):
-            _keep(layer, rows=torch.arange(out_f), cols=torch.arange(in_f))
-    for name, attrs in spec["heads"].items():
-        for k, value in attrs.items():
-            setattr(model.get_submodule(name), k, value)

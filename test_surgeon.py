@@ -7,8 +7,9 @@ import torch.nn as nn
 from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
 
 import surgeon
+import compact
 from surgeon import (Settings, column_costs, element_costs, remove_elements, remove_rows_columns,
-                     row_costs, two_four_mask)
+                     row_costs)
 
 torch.set_default_dtype(torch.float32)
 DEV = "cpu"
@@ -29,6 +30,11 @@ def tiny_layer(m=5, n=6, seed=0):
     W = torch.randn(m, n, generator=gen, dtype=torch.float64)
     A, G = spd(n, gen), spd(m, gen)
     return W, A, G, torch.linalg.inv(A), torch.linalg.inv(G)
+
+
+def precision(X_inv):
+    """OBS precision of single coordinates, 1 / diag(X^-1): what the costs take as a and g."""
+    return 1 / X_inv.diagonal()
 
 
 def obs(W, A, G, Q):
@@ -71,7 +77,7 @@ def test_oracle_cost_is_the_obs_formula():
 
 def test_element_costs_match_oracle():
     W, A, G, A_inv, G_inv = tiny_layer()
-    costs = element_costs(W, A_inv, G_inv)
+    costs = element_costs(W, precision(A_inv), precision(G_inv))
     for i in range(W.shape[0]):
         for j in range(W.shape[1]):
             assert torch.allclose(costs[i, j], obs(W, A, G, mask_of(W.shape, cells=[(i, j)]))[1])
@@ -79,7 +85,7 @@ def test_element_costs_match_oracle():
 
 def test_row_and_column_costs_match_oracle():
     W, A, G, A_inv, G_inv = tiny_layer()
-    rows, cols = row_costs(W, A, G_inv), column_costs(W, G, A_inv)
+    rows, cols = row_costs(W, A, precision(G_inv)), column_costs(W, G, precision(A_inv))
     assert rows.shape == (W.shape[0],) and cols.shape == (W.shape[1],)
     for r in range(W.shape[0]):
         assert torch.allclose(rows[r], obs(W, A, G, mask_of(W.shape, rows=[r]))[1])
@@ -104,11 +110,11 @@ def test_single_candidate_cost_predicts_the_applied_update():
     W, A, G, A_inv, G_inv = tiny_layer(seed=3)
     none = torch.tensor([], dtype=torch.long)
     new = remove_rows_columns(W, A_inv, G_inv, torch.tensor([2]), none)
-    assert torch.allclose(row_costs(W, A, G_inv)[2], quad(new, W, A, G))
+    assert torch.allclose(row_costs(W, A, precision(G_inv))[2], quad(new, W, A, G))
     new = remove_rows_columns(W, A_inv, G_inv, none, torch.tensor([4]))
-    assert torch.allclose(column_costs(W, G, A_inv)[4], quad(new, W, A, G))
+    assert torch.allclose(column_costs(W, G, precision(A_inv))[4], quad(new, W, A, G))
     new = remove_elements(W, A_inv, G_inv, mask_of(W.shape, cells=[(1, 3)]), 10)
-    assert torch.allclose(element_costs(W, A_inv, G_inv)[1, 3], quad(new, W, A, G))
+    assert torch.allclose(element_costs(W, precision(A_inv), precision(G_inv))[1, 3], quad(new, W, A, G))
 
 
 def test_remove_elements_exact_when_all_correlated():
@@ -151,18 +157,58 @@ def test_row_chunks_with_identity_G_are_exact_per_row_obs():
     assert torch.allclose(remove_elements(W, A_inv, G, Q, 1), obs(W, A, G, Q)[0], atol=1e-10)
 
 
-def test_two_four_mask_and_update():
+def linear_of(W, n_in):
+    """A float64 nn.Linear holding W~ (its columns past n_in are the bias)."""
+    layer = nn.Linear(n_in, W.shape[0], bias=W.shape[1] > n_in, dtype=torch.float64)
+    surgeon.set_matrix(layer, W)
+    return layer
+
+
+def test_two_four_choice_and_update():
     W, A, G, A_inv, G_inv = tiny_layer(m=3, n=8, seed=5)
-    costs = element_costs(W, A_inv, G_inv)
-    mask = two_four_mask(costs)
-    groups = mask.reshape(3, 2, 4)
-    assert (groups.sum(-1) == 2).all()
-    cheapest2 = costs.reshape(3, 2, 4).sort(-1).values[..., :2]
-    assert torch.allclose((costs.reshape(3, 2, 4) * groups).sum(-1), cheapest2.sum(-1))
-    new = remove_elements(W, A_inv, G_inv, mask, max_correlate=100)
-    assert torch.allclose(new, obs(W, A, G, mask)[0], atol=1e-10)
-    group_costs = surgeon.candidates("2:4", W, 8, A, G, A_inv, G_inv)
-    assert torch.allclose(group_costs, cheapest2.sum(-1).flatten())
+    q = surgeon.quadratic(linear_of(W, 8), A, G, Settings(structure="2:4", damp_a=0, damp_g=0))
+    costs = element_costs(W, precision(A_inv), precision(G_inv)).reshape(3, 2, 4)
+    pair = surgeon.group_choice(q, "surgeon", W == 0)                    # (3, 2, 4)
+    assert (pair.sum(-1) == 2).all()
+    cheapest2 = costs.sort(-1).values[..., :2].sum(-1)
+    assert torch.allclose((costs * pair).sum(-1), cheapest2)             # the 2 cheapest
+    new = remove_elements(W, A_inv, G_inv, pair.reshape(3, 8), max_correlate=100)
+    assert torch.allclose(new, obs(W, A, G, pair.reshape(3, 8))[0], atol=1e-10)
+    group_costs, gains = surgeon.candidates(q, "2:4", "surgeon")
+    assert torch.allclose(group_costs.double(), cheapest2.flatten(), rtol=1e-6)
+    assert (gains == 2).all()
+
+
+@pytest.mark.parametrize("method", ["kobd", "lobd", "magnitude"])
+def test_obd_costs_are_the_quadratic_form_of_the_undamped_F(method):
+    """No update follows an OBD removal, so removing Q costs 1/2 theta_Q^T F_QQ theta_Q: checked
+    for every element, row, column and 2:4 pair against the dense F (bias as the last column)."""
+    W, A, G, _, _ = tiny_layer(m=3, n=9, seed=8)
+    eye = lambda d: torch.eye(d, dtype=torch.float64)
+    FA, FG = {"kobd": (A, G), "lobd": (A, eye(3)), "magnitude": (eye(9), eye(3))}[method]
+    F = torch.kron(FG, FA)
+
+    def form(Q):                                               # 1/2 theta_Q^T F_QQ theta_Q
+        q, theta = Q.flatten(), W.flatten()
+        return 0.5 * theta[q] @ F[q][:, q] @ theta[q]
+
+    s = Settings(method=method, damp_a=5.0, damp_g=5.0)        # damping must not enter
+    q = surgeon.quadratic(linear_of(W, 8), A.float(), G.float(), s)
+    rowcol = surgeon.candidates(q, "rowcol", method)[0]
+    expect = [form(mask_of(W.shape, rows=[r])) for r in range(3)] + \
+             [form(mask_of(W.shape, cols=[c])) for c in range(8)]        # the bias: no candidate
+    assert torch.allclose(rowcol.double(), torch.stack(expect), rtol=1e-5)
+    elements = surgeon.candidates(q, "unstructured", method)[0].reshape(3, 8)
+    for i in range(3):
+        for j in range(8):
+            expected = form(mask_of(W.shape, cells=[(i, j)]))
+            assert torch.isclose(elements[i, j].double(), expected, rtol=1e-5)
+    groups = surgeon.candidates(q, "2:4", method)[0].reshape(3, 2)
+    for i in range(3):
+        for g in range(2):
+            pairs = [form(mask_of(W.shape, cells=[(i, 4 * g + p), (i, 4 * g + p2)]))
+                     for p in range(4) for p2 in range(p + 1, 4)]
+            assert torch.isclose(groups[i, g].double(), min(pairs), rtol=1e-5)
 
 
 def test_lone_linear_layer_update_is_constrained_least_squares():
@@ -187,10 +233,12 @@ def test_lone_linear_layer_update_is_constrained_least_squares():
 
 def test_damped_inverse_and_dead_coordinates():
     _, A, _, _, _ = tiny_layer()
+    A[1, 1] = 100.0                                            # a dead coordinate's diagonal
     dead = torch.tensor([False, True, False, False, False, False])
     A_hat, A_inv = surgeon.damped_inverse(A, 0.1, dead)
     live = ~dead
-    expected = A[live][:, live] + 0.1 * A.diagonal().mean() * torch.eye(5, dtype=torch.float64)
+    damping = 0.1 * A.diagonal()[live].mean()                  # mean over the live coordinates
+    expected = A[live][:, live] + damping * torch.eye(5, dtype=torch.float64)
     assert torch.allclose(A_hat[live][:, live], expected)
     assert torch.allclose(A_inv[live][:, live], torch.linalg.inv(expected))
     assert (A_inv[1] == 0).all() and (A_inv[:, 1] == 0).all() and (A_hat[1] == 0).all()
@@ -200,17 +248,22 @@ def test_dead_rows_and_columns_cost_nothing_and_stay_out_of_updates():
     W, A, G, _, _ = tiny_layer(m=4, n=5, seed=7)
     W[:, 2] = 0                                                # a removed column
     G[1, :] = G[:, 1] = 0                                      # no gradient reaches row 1
-    A_hat, G_hat, A_inv, G_inv = surgeon.curvature(W, 4, A, G, Settings(structure="rowcol"))
-    assert (A_inv[2] == 0).all() and (G_inv[1] == 0).all()
-    cost = surgeon.candidates("rowcol", W, 4, A_hat, G_hat, A_inv, G_inv)
-    assert cost[1] == -1 and cost[4 + 2] == -1                 # already removed: always taken
+    s = Settings(structure="rowcol", damp_a=0.1, damp_g=0.2)
+    q = surgeon.quadratic(linear_of(W, 4), A, G, s)
+    assert (q.A_inv[2] == 0).all() and (q.G_inv[1] == 0).all()
+    live_r, live_c = [0, 2, 3], [0, 1, 3, 4]
+    for X, X_hat, live, damp in ((A, q.A, live_c, 0.1), (G, q.G, live_r, 0.2)):
+        X_live = X[live][:, live]                              # damped over the live diagonal
+        expected = X_live + damp * X_live.diagonal().mean() * torch.eye(len(live), dtype=X.dtype)
+        assert torch.allclose(X_hat[live][:, live], expected)
+    cost, _ = surgeon.candidates(q, "rowcol", "surgeon")
+    assert cost[1] == surgeon.REMOVED and cost[4 + 2] == surgeon.REMOVED   # always taken
     taken = torch.zeros(8, dtype=torch.bool)
     taken[[1, 6, 3]] = True                                    # rows 1, 3 and column 2
-    new = surgeon.apply("rowcol", "surgeon", W, 4, taken, A_inv, G_inv, 10)
+    new = surgeon.apply(q, taken, s)
     assert (new[[1, 3]] == 0).all() and (new[:, 2] == 0).all()
     # the same removal by the oracle on the live coordinates only
-    live_r, live_c = [0, 2, 3], [0, 1, 3, 4]
-    sub = obs(W[live_r][:, live_c], A_hat[live_c][:, live_c], G_hat[live_r][:, live_r],
+    sub = obs(W[live_r][:, live_c], q.A[live_c][:, live_c], q.G[live_r][:, live_r],
               mask_of((3, 4), rows=[2]))[0]
     assert torch.allclose(new[live_r][:, live_c], sub, atol=1e-10)
 
@@ -219,37 +272,67 @@ def test_dead_rows_and_columns_cost_nothing_and_stay_out_of_updates():
 # Global threshold
 
 
-def greedy_rowcol(costs, shapes, target):
-    """Brute force: walk the pooled candidates in cost order, counting zeros by set union."""
+def greedy(costs, nonzero, structure, target):
+    """Brute force: walk the pooled candidates in cost order (already removed first), zeroing
+    their weights in explicit masks, until the masks hold `target` zeros. nonzero: one (m, n)
+    bool matrix per layer; a 2:4 group stands for 2 consecutive entries of it here."""
     pool = sorted((float(c), l, i) for l, cs in enumerate(costs) for i, c in enumerate(cs))
-    zero = [torch.zeros(m, n, dtype=torch.bool) for m, n in shapes]
+    zero = [~nz for nz in nonzero]
     taken = [torch.zeros(len(c), dtype=torch.bool) for c in costs]
     for c, l, i in pool:
-        if sum(int(z.sum()) for z in zero) >= target and c >= 0:
+        if sum(int(z.sum()) for z in zero) >= target and c != surgeon.REMOVED:
             break
-        m, _ = shapes[l]
-        (zero[l].__setitem__(i, True) if i < m else zero[l][:, i - m].fill_(True))
+        m, n = zero[l].shape
+        if structure == "rowcol" and i < m:                     # a row
+            zero[l][i] = True
+        elif structure == "rowcol":                             # a column
+            zero[l][:, i - m] = True
+        elif structure == "unstructured":
+            zero[l].view(-1)[i] = True
+        else:
+            zero[l].view(-1, 2)[i] = True                       # a group is a pair here
         taken[l][i] = True
     return taken
 
 
+def layers_with_zeros(shapes, seed, fraction):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.rand(m, n, generator=gen) >= fraction for m, n in shapes]
+
+
 @pytest.mark.parametrize("target", [0, 1, 17, 40, 61, 90])
-def test_select_rowcol_counts_overlap_exactly(target):
+@pytest.mark.parametrize("fraction", [0.0, 0.1])
+def test_select_rowcol_counts_overlap_and_existing_zeros_exactly(target, fraction):
+    """A row adds only the nonzero weights that are not in a column taken before it."""
     gen = torch.Generator().manual_seed(target)
     shapes = [(4, 6), (5, 3), (3, 3)]
+    nonzero = layers_with_zeros(shapes, target, fraction)
     costs = [torch.rand(m + n, generator=gen) for m, n in shapes]
-    costs[1][2] = -1                                           # an already removed row
-    got = surgeon.select(costs, shapes, "rowcol", target)
-    for a, b in zip(got, greedy_rowcol(costs, shapes, target)):
+    costs[1][2] = surgeon.REMOVED                              # an already removed row
+    zeros = sum(int((~nz).sum()) for nz in nonzero)
+    got = surgeon.select(costs, nonzero, "rowcol", target, zeros)
+    for a, b in zip(got, greedy(costs, nonzero, "rowcol", target)):
         assert torch.equal(a, b)
 
 
-def test_select_elements_and_groups():
-    costs = [torch.tensor([0.5, 0.1, 0.9]), torch.tensor([0.3, -1.0])]
-    taken = surgeon.select(costs, [(1, 3), (1, 2)], "unstructured", 2)
-    assert [t.tolist() for t in taken] == [[False, True, False], [False, True]]
-    taken = surgeon.select(costs, None, "2:4", 3)              # 2 weights per group: 2 groups
-    assert sum(int(t.sum()) for t in taken) == 2
+@pytest.mark.parametrize("structure", ["unstructured", "2:4"])
+@pytest.mark.parametrize("target", [0, 5, 23, 50, 71])
+def test_select_elements_and_groups_count_existing_zeros(structure, target):
+    """Costs of weights or groups with what each adds to the zeros (a 2:4 group: the nonzeros of
+    its pair; here a pair is 2 consecutive entries of the pattern), ties included."""
+    gen = torch.Generator().manual_seed(target)
+    nonzero = layers_with_zeros([(6, 8), (3, 8)], target + 1, 0.15)      # 72 weights
+    per = 1 if structure == "unstructured" else 2
+    gains = [nz.reshape(-1, per).sum(1).to(torch.uint8) for nz in nonzero]
+    costs = [torch.randint(0, 6, g.shape, generator=gen).float() / 4 for g in gains]  # ties
+    for c, g in zip(costs, gains):
+        c[g == 0] = surgeon.REMOVED
+    zeros = sum(int((~nz).sum()) for nz in nonzero)
+    got = surgeon.select(costs, gains, structure, target, zeros)
+    for a, b in zip(got, greedy(costs, nonzero, structure, target)):
+        assert torch.equal(a, b)
+    added = sum(int(g[t].sum()) for g, t in zip(gains, got))
+    assert max(0, target - zeros) <= added < max(0, target - zeros) + per     # to one candidate
 
 
 # ---------------------------------------------------------------------------------------------
@@ -564,7 +647,7 @@ def test_compact_removes_dead_units_and_heads_exactly(kind):
     ids = calib()[0]
     with torch.no_grad():
         before = model(ids).logits
-    report = surgeon.compact(model)
+    report = compact.compact(model)
     with torch.no_grad():
         after = model(ids).logits
     assert torch.allclose(before, after, atol=1e-5)
@@ -588,12 +671,12 @@ def test_compact_after_rowcol_pruning_keeps_logits(make):
     ids = calib(seed=1)[0]
     with torch.no_grad():
         before = model(ids).logits
-    report = surgeon.compact(model)
+    report = compact.compact(model)
     with torch.no_grad():
         assert torch.allclose(before, model(ids).logits, atol=1e-5)
     assert report["params_after"] < report["params_before"]
     rebuilt = make(seed=5)                                            # same config, other weights
-    surgeon.resize(rebuilt, report["shapes"])
+    compact.resize(rebuilt, report["shapes"])
     rebuilt.load_state_dict(model.state_dict())
     with torch.no_grad():
         assert torch.equal(rebuilt(ids).logits, model(ids).logits)
