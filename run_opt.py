@@ -8,6 +8,7 @@ test split before and after, as SparseGPT and the paper do. --model also takes a
 --train-file / --test-file local plain text, so the same command runs without a hub.
 """
 import argparse
+from contextlib import contextmanager
 import json
 import math
 import os
@@ -54,7 +55,8 @@ def parse_args(argv=None):
     p = Parser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="facebook/opt-125m", help="hub id or local folder")
     p.add_argument("--sparsity", type=fraction, default=0.3,
-                   help="fraction of the pruned layers' weights to remove; 0 only evaluates")
+                   help="fraction of the pruned layers' weights that end at zero, whatever made "
+                        "them zero (weights already zero count); 0 only evaluates")
     p.add_argument("--structure", choices=surgeon.STRUCTURES, default="rowcol",
                    help="what is removed: single weights, 2 of every 4, or whole rows and columns")
     p.add_argument("--method", choices=surgeon.METHODS, default="surgeon",
@@ -80,6 +82,14 @@ def parse_args(argv=None):
                    help="do not evaluate the dense model (a grid that measured it once)")
     p.add_argument("--compact", action="store_true",
                    help="after rowcol pruning, cut dead units and heads out; measure the speed-up")
+    p.add_argument("--lora-steps", type=int, default=0,
+                   help="interleaved low-rank update steps after each shot (0: off)")
+    p.add_argument("--lora-rank", type=positive, default=8, help="rank of the low-rank update")
+    p.add_argument("--lora-lr", type=float, default=1e-4, help="Adam learning rate of it")
+    p.add_argument("--checkpoint", metavar="DIR",
+                   help="write the pruned weights and the run's state here after every shot")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --checkpoint DIR after its last complete shot")
     p.add_argument("--save", metavar="DIR", help="save the pruned model and tokenizer here")
     p.add_argument("--json", metavar="PATH", help="write settings and results as JSON here")
     return p.parse_args(argv)
@@ -151,14 +161,20 @@ def load_compact(folder):
     return model
 
 
+def read_text(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except OSError as err:
+        fail(f"cannot read {path}: {err.strerror}")
+    except UnicodeDecodeError as err:
+        fail(f"cannot read {path}: not UTF-8 text (byte {err.start})")
+
+
 def token_ids(tokenizer, path, split):
     """One long id tensor: a local text file, or WikiText-2 joined as SparseGPT does."""
     if path:
-        try:
-            with open(path, encoding="utf-8") as f:
-                text = f.read()
-        except OSError as err:
-            fail(f"cannot read {path}: {err.strerror}")
+        text = read_text(path)
         return tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
     try:
         from datasets import load_dataset
@@ -237,138 +253,278 @@ def sparsity_table(layers: dict[str, float]) -> str:
 # ----------------------------------------------------------------------------------------------
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    settings = surgeon.Settings(sparsity=args.sparsity, structure=args.structure,
-                                method=args.method, shots=args.shots, damp_a=args.damp_a,
-                                damp_g=args.damp_g, max_correlate=args.max_correlate,
-                                curvature_device=args.curvature_device)
-    record = {"settings": {**vars(args), "shots": settings.shots, "damp_g": settings.damp_g,
-                           "device": str(device)},
-              "versions": {"python": platform.python_version(), "torch": torch.__version__},
-              "seconds": {}, "peak_memory_mb": {}}
+# ----------------------------------------------------------------------------------------------
+# Checks before the long work: every input a user types is checked before the model is loaded.
+
+
+SAVED = "run_opt.json"              # marks a --save folder as this program's output
+CHECKPOINT = "checkpoint.pt"
+RESULT_SETTINGS = ("model", "sparsity", "structure", "method", "shots", "nsamples", "seqlen",
+                   "seed", "train_file", "damp_a", "damp_g", "max_correlate", "lora_steps",
+                   "lora_rank", "lora_lr")          # what a resumed run must share
+
+
+def writable_file(path, what):
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path) or not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        fail(f"{what} {path} cannot be written (is its folder there and writable?)")
+
+
+def writable_folder(path, what, mark):
+    """A folder to create or fill: refused if it is a file, if its nearest existing folder is
+    not writable, or if it holds files that are not this program's (`mark`)."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        fail(f"{what} {path} is a file, not a folder")
+    if os.path.isdir(path) and os.listdir(path) and not os.path.exists(os.path.join(path, mark)):
+        fail(f"{what} {path} is not empty and not an output of run_opt.py; choose another folder")
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.access(existing, os.W_OK):
+        fail(f"{what} {path} cannot be written ({existing} is not writable)")
+
+
+def validate(args):
+    """The device and settings, after checking everything that needs no model."""
+    settings = surgeon.Settings(
+        sparsity=args.sparsity, structure=args.structure, method=args.method, shots=args.shots,
+        damp_a=args.damp_a, damp_g=args.damp_g, max_correlate=args.max_correlate,
+        curvature_device=args.curvature_device, lora_steps=args.lora_steps,
+        lora_rank=args.lora_rank, lora_lr=args.lora_lr)
     try:
         surgeon.check(settings)
+        device = surgeon.check_device(args.device or ("cuda" if torch.cuda.is_available()
+                                                      else "cpu"))
     except ValueError as err:
         fail(str(err))
-    import transformers
-    transformers.utils.logging.disable_progress_bar()
-    record["versions"]["transformers"] = transformers.__version__
+    for path in (args.train_file, args.test_file):
+        if path:
+            read_text(path)
+    if args.json:
+        writable_file(args.json, "--json")
+    if args.save:
+        writable_folder(args.save, "--save", SAVED)
+    if args.resume and not args.checkpoint:
+        fail("--resume needs --checkpoint DIR")
+    if args.checkpoint:
+        writable_folder(args.checkpoint, "--checkpoint", CHECKPOINT)
+        there = os.path.exists(os.path.join(args.checkpoint, CHECKPOINT))
+        if args.resume and not there:
+            fail(f"--resume: no checkpoint in {args.checkpoint}")
+        if args.resume:
+            open_checkpoint(args.checkpoint, args, settings)
+        if there and not args.resume:
+            fail(f"{args.checkpoint} holds a checkpoint; pass --resume to continue that run, or "
+                 "choose another folder")
+    return device, settings
 
-    def stage(name, tic):
-        record["seconds"][name] = round(time.perf_counter() - tic, 2)
-        record["peak_memory_mb"][name] = round(peak_memory_mb(device), 1)
-        return time.perf_counter()
 
+# ----------------------------------------------------------------------------------------------
+# Checkpoints: written after every shot to a temporary name, then renamed, so that a kill at any
+# moment leaves the last complete one.
+
+
+def result_settings(args, settings):
+    return {k: getattr(settings, k) if hasattr(settings, k) else getattr(args, k)
+            for k in RESULT_SETTINGS}
+
+
+def write_checkpoint(folder, args, settings, layers, shots):
+    state = {"settings": result_settings(args, settings),
+             "next_shot": shots[-1]["shot"] + 1, "shots": shots,
+             "weights": {name: (layer.weight.detach().cpu(),
+                                None if layer.bias is None else layer.bias.detach().cpu())
+                         for name, layer in layers.items()}}
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, CHECKPOINT)
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def open_checkpoint(folder, args, settings):
+    """The checkpoint's state (weights mapped from disk, not read), if its settings are these."""
+    state = torch.load(os.path.join(folder, CHECKPOINT), weights_only=True, mmap=True)
+    now = result_settings(args, settings)
+    differ = [f"{k} ({state['settings'].get(k)!r} there, {now[k]!r} now)"
+              for k in RESULT_SETTINGS if state["settings"].get(k) != now[k]]
+    if differ:
+        fail(f"--resume: the checkpoint in {folder} was made with other settings: "
+             + ", ".join(differ))
+    return state
+
+
+def read_checkpoint(folder, args, settings, layers):
+    """Loads the weights into `layers`; returns (next shot, shot records so far)."""
+    state = open_checkpoint(folder, args, settings)
+    with torch.no_grad():
+        for name, layer in layers.items():
+            W, b = state["weights"][name]
+            layer.weight.copy_(W)
+            if b is not None:
+                layer.bias.copy_(b)
+    return state["next_shot"], state["shots"]
+
+
+# ----------------------------------------------------------------------------------------------
+# The stages of a run
+
+
+@contextmanager
+def stage(record, name, device):
+    """Seconds and peak memory of one stage, into the record."""
     tic = time.perf_counter()
-    model, tokenizer = load(args.model, device)
+    yield
+    record["seconds"][name] = round(time.perf_counter() - tic, 2)
+    record["peak_memory_mb"][name] = round(peak_memory_mb(device), 1)
+
+
+def load_data(args, tokenizer, model, device):
+    """Evaluation windows, and calibration windows where pruning needs them."""
     context = getattr(model.config, "max_position_embeddings", None) or 2048
     if args.seqlen and args.seqlen > context:
         fail(f"--seqlen {args.seqlen} is longer than the model's context ({context})")
     seqlen = args.seqlen or min(2048, context)
-    layers = surgeon.prunable_layers(model)
-    n_params = sum(p.numel() for p in model.parameters())
-    n_pruned = sum(l.weight.numel() for l in layers.values())
-    print(f"model {args.model}: {n_params / 1e6:.1f}M parameters, {len(layers)} prunable layers "
-          f"({n_pruned / 1e6:.1f}M weights), on {device}")
-    tic = stage("load", tic)
-
-    test_source = args.test_file or "WikiText-2 test"
+    source = args.test_file or "WikiText-2 test"
     test = eval_windows(token_ids(tokenizer, args.test_file, "test"), seqlen, args.eval_windows,
-                        test_source)
+                        source)
+    print(f"evaluation: {len(test)} windows of {seqlen} tokens from {source}")
     calib = []
-    if args.sparsity > 0 and args.method != "magnitude":
-        train_source = args.train_file or "WikiText-2 train"
+    if args.sparsity > 0 and (args.method != "magnitude" or args.lora_steps):
+        source = args.train_file or "WikiText-2 train"
         calib = calibration_windows(token_ids(tokenizer, args.train_file, "train"),
-                                    args.nsamples, seqlen, args.seed, train_source)
-        print(f"calibration: {len(calib)} windows of {seqlen} tokens from {train_source}, "
+                                    args.nsamples, seqlen, args.seed, source)
+        print(f"calibration: {len(calib)} windows of {seqlen} tokens from {source}, "
               f"seed {args.seed}")
-    calib = [w.to(device) for w in calib]
-    if args.sparsity > 0:
-        try:
-            surgeon.check(settings, layers, calib)
-        except ValueError as err:
-            fail(str(err))
-    tic = stage("data", tic)
+    return test, [w.to(device) for w in calib]
 
-    compact = args.compact and args.sparsity > 0
+
+def prune_stage(args, settings, model, calib, test, device, record):
+    """surgeon.prune with progress, per-shot lines, checkpoints and resume."""
+    from tqdm import tqdm
+    layers = surgeon.prunable_layers(model)
+    first, shots = 1, []
+    if args.resume:
+        first, shots = read_checkpoint(args.checkpoint, args, settings, layers)
+        print(f"resuming from {args.checkpoint} after shot {first - 1}")
+    print(f"pruning {args.sparsity:.0%} {args.structure} with {args.method}, "
+          f"{settings.shots} shots")
+
+    def on_shot(shot):
+        line = (f"shot {shot['shot']}/{settings.shots}: sparsity {shot['sparsity']:.4f}  "
+                + "  ".join(f"{k} {v:.1f}s" for k, v in shot["seconds"].items()))
+        if args.eval_every_shot:
+            shot["ppl"] = perplexity(model, test, device, f"eval shot {shot['shot']}")
+            line += f"  ppl {shot['ppl']:.2f}"
+        tqdm.write(line)
+        shots.append(shot)
+        if args.checkpoint:
+            write_checkpoint(args.checkpoint, args, settings, layers, shots)
+
+    progress = lambda it, desc: tqdm(it, desc=desc, leave=False, file=sys.stderr)
+    try:
+        report = surgeon.prune(model, calib, settings, on_shot=on_shot, progress=progress,
+                               first_shot=first)
+    except ValueError as err:
+        fail(f"{err} {' '.join(getattr(err, '__notes__', []))}".strip())
+    except KeyboardInterrupt:
+        where = (f"the last checkpoint is in {args.checkpoint} (after shot {shots[-1]['shot']})"
+                 if args.checkpoint and shots else "no checkpoint was written (--checkpoint DIR)")
+        print(f"interrupted: {where}", file=sys.stderr)
+        sys.exit(130)
+    return {**report, "shots": shots}
+
+
+def compact_stage(model, test, batch, device, record):
+    report = compaction.compact(model)
+    record["compact"] = {k: v for k, v in report.items() if k != "shapes"}
+    record["params_compact"] = report["params_after"]
+    record["latency_ms_compact"] = latency_ms(model, batch)
+    record["ppl_compact"] = perplexity(model, test, device, "eval compact")
+    print(f"compacted: {report['mlp_units_removed']} MLP units and {report['heads_removed']} "
+          f"heads removed; {report['zero_columns_kept']} zero input columns and "
+          f"{report['zeros_kept']} zero weights kept in place")
+    n = record["params_dense"]
+    print(f"parameters: dense {n / 1e6:.2f}M -> compact {report['params_after'] / 1e6:.2f}M "
+          f"({report['params_after'] / n:.1%})")
+    print(f"forward latency: dense {record['latency_ms_dense']:.0f} ms -> compact "
+          f"{record['latency_ms_compact']:.0f} ms "
+          f"({record['latency_ms_dense'] / record['latency_ms_compact']:.2f}x)")
+    print(f"perplexity: pruned {record['ppl_pruned']:.3f} -> compact {record['ppl_compact']:.3f}")
+    return report["shapes"]
+
+
+def save_stage(args, model, tokenizer, shapes, record):
+    if shapes:
+        save_compact(model, tokenizer, args.save, shapes)
+    else:
+        model.save_pretrained(args.save)
+        tokenizer.save_pretrained(args.save)
+    with open(os.path.join(args.save, SAVED), "w") as f:
+        json.dump({"settings": record["settings"], "ppl_pruned": record["ppl_pruned"]}, f)
+    print(f"saved to {args.save}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device, settings = validate(args)
+    import transformers
+    transformers.utils.logging.disable_progress_bar()
+    record = {"settings": {**vars(args), "shots": settings.shots, "damp_g": settings.damp_g,
+                           "device": str(device)},
+              "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                           "transformers": transformers.__version__},
+              "seconds": {}, "peak_memory_mb": {}}
+    with stage(record, "load", device):
+        model, tokenizer = load(args.model, device)
+        layers = surgeon.prunable_layers(model)
+        total = sum(layer.weight.numel() for layer in layers.values())
+        record["params_dense"] = sum(p.numel() for p in model.parameters())
+        record["sparsity_before"] = surgeon.overall_sparsity(layers)
+    print(f"model {args.model}: {record['params_dense'] / 1e6:.1f}M parameters, {len(layers)} "
+          f"prunable layers ({total / 1e6:.1f}M weights, {record['sparsity_before']:.2%} zero), "
+          f"on {device}")
+    with stage(record, "data", device):
+        test, calib = load_data(args, tokenizer, model, device)
+        if args.sparsity > 0:
+            try:
+                surgeon.check(settings, layers, calib)
+            except ValueError as err:
+                fail(str(err))
+    compact = args.compact and args.sparsity > 0 and args.structure == "rowcol"
     if args.compact and args.structure != "rowcol":
         print(f"--compact: nothing to compact, {args.structure} pruning leaves no whole rows or "
               "columns; the zeros stay in place")
-        compact = False
     if compact:
         batch = torch.cat(test[:8]).to(device)
-        record["params_dense"] = n_params
-        record["latency_ms_dense"] = latency_ms(model, batch)
+        with stage(record, "latency_dense", device):
+            record["latency_ms_dense"] = latency_ms(model, batch)
         print(f"forward latency, batch {tuple(batch.shape)}: {record['latency_ms_dense']:.0f} ms")
-        tic = stage("latency_dense", tic)
-
-    print(f"evaluation: {len(test)} windows of {seqlen} tokens from {test_source}")
     record["ppl_dense"] = None
-    if not (args.skip_dense_eval and args.sparsity > 0):
-        record["ppl_dense"] = perplexity(model, test, device, "eval dense")
+    if args.sparsity == 0 or not args.skip_dense_eval:
+        with stage(record, "eval_dense", device):
+            record["ppl_dense"] = perplexity(model, test, device, "eval dense")
         print(f"{'perplexity' if args.sparsity == 0 else 'dense perplexity'}: "
               f"{record['ppl_dense']:.2f}")
-        tic = stage("eval_dense", tic)
-
+    report = {"sparsity": record["sparsity_before"], "layers": surgeon.layer_sparsity(layers),
+              "shots": []}
+    record["ppl_pruned"] = record["ppl_dense"]
     if args.sparsity > 0:
-        from tqdm import tqdm
-        print(f"pruning {args.sparsity:.0%} {args.structure} with {args.method}, "
-              f"{settings.shots} shots")
-
-        def on_shot(shot):
-            line = (f"shot {shot['shot']}/{settings.shots}: sparsity {shot['sparsity']:.4f}  "
-                    + "  ".join(f"{k} {v:.1f}s" for k, v in shot["seconds"].items()))
-            if args.eval_every_shot:
-                shot["ppl"] = perplexity(model, test, device, f"eval shot {shot['shot']}")
-                line += f"  ppl {shot['ppl']:.2f}"
-            tqdm.write(line)
-
-        progress = lambda it, desc: tqdm(it, desc=desc, leave=False, file=sys.stderr)
-        try:
-            report = surgeon.prune(model, calib, settings, on_shot=on_shot, progress=progress)
-        except ValueError as err:
-            notes = " ".join(getattr(err, "__notes__", []))
-            fail(f"{err} {notes}".strip())
-        tic = stage("prune", tic)
-        record["ppl_pruned"] = perplexity(model, test, device, "eval pruned")
-        tic = stage("eval_pruned", tic)
-        record.update(sparsity=report["sparsity"], layers=report["layers"], shots=report["shots"])
+        with stage(record, "prune", device):
+            report = prune_stage(args, settings, model, calib, test, device, record)
+        with stage(record, "eval_pruned", device):
+            record["ppl_pruned"] = perplexity(model, test, device, "eval pruned")
         print("sparsity per layer (percent zero):\n" + sparsity_table(report["layers"]))
-        print(f"sparsity: {report['sparsity']:.4f} of {n_pruned / 1e6:.1f}M weights")
+        print(f"sparsity: {report['sparsity']:.4f} of {total / 1e6:.1f}M weights")
         dense = "not evaluated" if record["ppl_dense"] is None else f"{record['ppl_dense']:.2f}"
         print(f"perplexity: dense {dense} -> pruned {record['ppl_pruned']:.2f}")
-    else:
-        record.update(ppl_pruned=record["ppl_dense"], sparsity=surgeon.overall_sparsity(layers),
-                      layers=surgeon.layer_sparsity(layers), shots=[])
-
+    record.update(sparsity=report["sparsity"], layers=report["layers"], shots=report["shots"])
+    shapes = None
     if compact:
-        report = compaction.compact(model)
-        record["compact"] = {k: v for k, v in report.items() if k != "shapes"}
-        record["params_compact"] = report["params_after"]
-        record["latency_ms_compact"] = latency_ms(model, batch)
-        record["ppl_compact"] = perplexity(model, test, device, "eval compact")
-        print(f"compacted: {report['mlp_units_removed']} MLP units and {report['heads_removed']} "
-              f"heads removed; {report['zero_columns_kept']} zero input columns and "
-              f"{report['zeros_kept']} zero weights kept in place")
-        print(f"parameters: dense {n_params / 1e6:.2f}M -> compact "
-              f"{report['params_after'] / 1e6:.2f}M ({report['params_after'] / n_params:.1%})")
-        print(f"forward latency: dense {record['latency_ms_dense']:.0f} ms -> compact "
-              f"{record['latency_ms_compact']:.0f} ms "
-              f"({record['latency_ms_dense'] / record['latency_ms_compact']:.2f}x)")
-        print(f"perplexity: pruned {record['ppl_pruned']:.3f} -> compact "
-              f"{record['ppl_compact']:.3f}")
-        tic = stage("compact", tic)
-
+        with stage(record, "compact", device):
+            shapes = compact_stage(model, test, batch, device, record)
     if args.save:
-        if compact:
-            save_compact(model, tokenizer, args.save, report["shapes"])
-        else:
-            model.save_pretrained(args.save)
-            tokenizer.save_pretrained(args.save)
-        print(f"saved to {args.save}")
-        tic = stage("save", tic)
+        with stage(record, "save", device):
+            save_stage(args, model, tokenizer, shapes, record)
     print("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in record["seconds"].items())
           + f"; peak memory {max(record['peak_memory_mb'].values()):.0f} MB")
     if args.json:

@@ -189,12 +189,14 @@ def frozen_with_hooks(model, layers, recorder):
         model.train(was_training)
 
 
-def factor_bytes(layers: dict[str, nn.Linear]) -> int:
-    """float32 bytes of all factors: one A per distinct input width (an upper bound when blocks
-    share inputs as q/k/v do; exact per block for OPT and Llama), one G per layer."""
-    a = {(name.rsplit(".", 1)[0], layer.in_features + (layer.bias is not None))
-         for name, layer in layers.items()}
-    return 4 * (sum(k * k for _, k in a) + sum(l.out_features ** 2 for l in layers.values()))
+def factor_bytes(layers: dict[str, nn.Linear], source: dict | None = None) -> int:
+    """float32 bytes of all factors: one G per layer, one A per distinct input, where source maps
+    a layer to the layer whose input it reads (default: its own, an upper bound)."""
+    source = source or {}
+    A_width = {source.get(name, name): layer.in_features + (layer.bias is not None)
+               for name, layer in layers.items()}
+    return 4 * (sum(k * k for k in A_width.values())
+                + sum(layer.out_features ** 2 for layer in layers.values()))
 
 
 def kfac_factors(model: nn.Module, layers: dict[str, nn.Linear], batches, device=None,
@@ -212,7 +214,8 @@ def kfac_factors(model: nn.Module, layers: dict[str, nn.Linear], batches, device
                     next_token_loss(model, ids).backward()
     except torch.OutOfMemoryError as err:
         raise MemoryError(f"out of memory on {device} while accumulating the curvature factors, "
-                          f"which take about {factor_bytes(layers) / 2**30:.1f} GiB there; keep "
+                          f"which take about {factor_bytes(layers, rec.source) / 2**30:.1f} GiB "
+                          "there (at most); keep "
                           "them in host memory with curvature_device='cpu' "
                           "(--curvature-device cpu)") from err
     return assemble_factors(rec, layers)
@@ -483,7 +486,7 @@ def remove_elements(W, A_inv, G_inv, mask, max_correlate):
             G_ii = G_inv[i[:, None], i] if len(R) > 1 else G_inv[i[0], i[0]]   # one row: scalar
             C = G_ii * A_inv[j[:, None], j]                                     # (|Q|, |Q|)
             T, info = torch.linalg.cholesky_ex(C, upper=True)                   # C = T^T T
-            if info != 0:
+            if info.item():
                 raise ValueError("correlated update is not positive definite; increase the damping")
             w = W[i, j] - (G_B[R] @ U)[r, j]                                    # w_Q as updated
             M = W.new_zeros(len(R), W.shape[1])
@@ -542,8 +545,11 @@ def apply(q: Quadratic, taken: torch.Tensor, s: Settings) -> torch.Tensor:
 #    folded into the weights. The mask keeps every structure exactly: removed entries stay 0.
 
 
-def low_rank_phase(model: nn.Module, layers: dict[str, nn.Linear], batches, s: Settings):
+def low_rank_phase(model: nn.Module, layers: dict[str, nn.Linear], batches, s: Settings,
+                   seed: int = 0):
+    """Adds, trains and folds the adapters; `seed` makes their start reproducible."""
     adapters, handles = {}, []
+    gen = torch.Generator().manual_seed(seed)
 
     def hook(name):
         def add(layer, inputs, y):
@@ -556,7 +562,7 @@ def low_rank_phase(model: nn.Module, layers: dict[str, nn.Linear], batches, s: S
     for name, layer in layers.items():
         W = get_matrix(layer)
         m, k = W.shape
-        A = torch.randn(k, s.lora_rank, device=W.device) / k**0.5
+        A = (torch.randn(k, s.lora_rank, generator=gen) / k**0.5).to(W.device)
         B = torch.zeros(m, s.lora_rank, device=W.device)
         adapters[name] = (B.requires_grad_(), A.requires_grad_(), (W != 0).float())
         handles.append(layer.register_forward_hook(hook(name)))
@@ -608,7 +614,7 @@ def timed(seconds: dict, stage: str):
     seconds[stage] = seconds.get(stage, 0.0) + time.perf_counter() - tic
 
 
-def shot(model, layers, batches, target, s: Settings, progress):
+def shot(model, layers, batches, target, s: Settings, progress, t: int = 1):
     """One shot: curvature, costs of all candidates, global threshold, updates layer by layer.
     Returns the seconds of each stage."""
     seconds = {}
@@ -632,7 +638,7 @@ def shot(model, layers, batches, target, s: Settings, progress):
             set_matrix(layer, apply(model_of(name, layer), chosen, s))
     if s.lora_steps:                                                       # Sec. 3.5
         with timed(seconds, "lora"):
-            low_rank_phase(model, layers, batches, s)
+            low_rank_phase(model, layers, batches, s, seed=t)
     return seconds
 
 
@@ -657,7 +663,7 @@ def prune(model: nn.Module, batches, settings: Settings, on_shot=None, progress=
             target = round(s.sparsity * total * t / s.shots)          # linear schedule
             try:
                 seconds = shot(model, layers, batches, target, s,
-                               lambda it, desc: wrap(it, f"shot {t}/{s.shots} {desc}"))
+                               lambda it, desc: wrap(it, f"shot {t}/{s.shots} {desc}"), t)
             except Exception as err:
                 err.add_note(f"shot {t} of {s.shots} failed; {overall_sparsity(layers):.1%} of the "
                              "weights are zero now")

@@ -199,3 +199,136 @@ def test_benchmark_grid_writes_records_and_table(files, tmp_path):
     allocation = table.split("Sparsity per layer (percent zero) of K-OBD")[1].splitlines()
     assert allocation[2].startswith("| block | q_proj | k_proj | v_proj | o_proj | gate_proj")
     assert allocation[4].startswith("| 0 | ") and allocation[5].startswith("| 1 | ")
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input is caught before the model is loaded; long runs survive failures and resume
+
+
+def no_loading(*args, **kwargs):
+    raise AssertionError("the model was loaded before the input was checked")
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--json", "{tmp}/missing/record.json"], "--json {tmp}/missing/record.json cannot be written"),
+    (["--json", "{tmp}"], "cannot be written"),
+    (["--save", "{tmp}/foreign"], "not empty and not an output of run_opt.py"),
+    (["--save", "{tmp}/foreign/a.txt"], "is a file, not a folder"),
+    (["--device", "cuda:7"], "not available"),
+    (["--device", "tpu9"], "device 'tpu9'"),
+    (["--curvature-device", "cuda:5"], "not available"),
+    (["--train-file", "{tmp}/binary.txt"], "not UTF-8 text"),
+    (["--test-file", "{tmp}/nope.txt"], "cannot read"),
+    (["--resume"], "--resume needs --checkpoint DIR"),
+    (["--checkpoint", "{tmp}/empty", "--resume"], "no checkpoint in"),
+    (["--lora-steps", "-1"], "lora_steps"),
+    (["--damp-a", "-1"], "damping"),
+])
+def test_bad_input_is_caught_before_loading(files, tmp_path, capsys, monkeypatch, extra, message):
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "a.txt").write_text("mine")
+    (tmp_path / "binary.txt").write_bytes(b"\xff\xfe\x00 not text")
+    (tmp_path / "empty").mkdir()
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    monkeypatch.setattr(run_opt, "load", no_loading)
+    extra = [e.format(tmp=tmp_path) for e in extra]
+    with pytest.raises(SystemExit) as exit:
+        run_opt.main(args_for(files, "opt", *extra))
+    assert exit.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message.format(tmp=tmp_path) in err[0], err
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before       # nothing written
+
+
+def pruned_weights(folder):
+    from safetensors.torch import load_file
+    return load_file(os.path.join(folder, "model.safetensors"))
+
+
+def run_with_checkpoint(files, folder, save, *extra):
+    return run_opt.main(args_for(files, "llama", "--structure", "unstructured", "--sparsity",
+                                 "0.5", "--shots", "3", "--checkpoint", str(folder),
+                                 "--save", str(save), *extra))
+
+
+def fail_at_shot(monkeypatch, k, error):
+    real, calls = surgeon.shot, []
+
+    def shot(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == k:
+            raise error
+        return real(*args, **kwargs)
+    monkeypatch.setattr(surgeon, "shot", shot)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(files, tmp_path_factory):
+    root = tmp_path_factory.mktemp("whole")
+    run_with_checkpoint(files, root / "ckpt", root / "model", "--lora-steps", "2")
+    return pruned_weights(root / "model")
+
+
+def assert_same(a, b):
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_after_a_failure_gives_the_same_weights(files, tmp_path, monkeypatch,
+                                                        uninterrupted):
+    fail_at_shot(monkeypatch, 3, RuntimeError("injected"))
+    with pytest.raises(RuntimeError, match="injected"):
+        run_with_checkpoint(files, tmp_path / "ckpt", tmp_path / "model", "--lora-steps", "2")
+    monkeypatch.undo()
+    record = run_with_checkpoint(files, tmp_path / "ckpt", tmp_path / "model", "--lora-steps",
+                                 "2", "--resume")
+    assert [s["shot"] for s in record["shots"]] == [1, 2, 3]
+    assert_same(pruned_weights(tmp_path / "model"), uninterrupted)
+
+
+def test_a_kill_during_the_checkpoint_write_leaves_the_last_one(files, tmp_path, monkeypatch,
+                                                                uninterrupted):
+    real, calls = torch.save, []
+
+    def save(obj, path):                       # the second write dies half way
+        calls.append(1)
+        if len(calls) == 2:
+            with open(path, "wb") as f:
+                f.write(b"half a checkpoint")
+            raise KeyboardInterrupt
+        return real(obj, path)
+    monkeypatch.setattr(torch, "save", save)
+    with pytest.raises(SystemExit) as exit:
+        run_with_checkpoint(files, tmp_path / "ckpt", tmp_path / "model", "--lora-steps", "2")
+    assert exit.value.code == 130
+    monkeypatch.undo()
+    record = run_with_checkpoint(files, tmp_path / "ckpt", tmp_path / "model", "--lora-steps",
+                                 "2", "--resume")
+    assert [s["shot"] for s in record["shots"]] == [1, 2, 3]
+    assert_same(pruned_weights(tmp_path / "model"), uninterrupted)
+
+
+def test_ctrl_c_names_the_last_checkpoint(files, tmp_path, monkeypatch, capsys):
+    fail_at_shot(monkeypatch, 2, KeyboardInterrupt())
+    with pytest.raises(SystemExit) as exit:
+        run_with_checkpoint(files, tmp_path / "ckpt", tmp_path / "model")
+    assert exit.value.code == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == f"interrupted: the last checkpoint is in {tmp_path / 'ckpt'} (after shot 1)"
+
+
+def test_resume_with_other_settings_is_refused(files, tmp_path, monkeypatch, capsys):
+    fail_at_shot(monkeypatch, 2, RuntimeError("injected"))
+    with pytest.raises(RuntimeError):
+        run_with_checkpoint(files, tmp_path / "ckpt", tmp_path / "model")
+    monkeypatch.undo()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit:
+        run_with_checkpoint(files, tmp_path / "ckpt", tmp_path / "model", "--resume",
+                            "--damp-a", "0.05")
+    assert exit.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: --resume: the checkpoint in {tmp_path / 'ckpt'} was made with other "
+                   "settings: damp_a (0.01 there, 0.05 now)"]
+    with pytest.raises(SystemExit):                           # an existing one needs --resume
+        run_with_checkpoint(files, tmp_path / "ckpt", tmp_path / "other")
+    assert "pass --resume" in capsys.readouterr().err

@@ -504,6 +504,79 @@ def test_already_removed_weights_stay_removed():
         assert (l.weight[before[n]] == 0).all()
 
 
+def with_exact_zeros(model, fraction=0.05, seed=0):
+    """Set a few percent of every prunable weight matrix exactly to zero, scattered (as in a
+    checkpoint dequantized from 4 bits)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in surgeon.prunable_layers(model).values():
+            layer.weight[torch.rand(layer.weight.shape, generator=gen) < fraction] = 0
+    return model
+
+
+@pytest.mark.parametrize("make,method", [(tiny_opt, "surgeon"), (tiny_llama, "surgeon"),
+                                         (tiny_llama, "kobd")])
+@pytest.mark.parametrize("structure,sparsity,shots", [
+    ("rowcol", 0.2, 3), ("rowcol", 0.35, 2), ("unstructured", 0.3, 2), ("2:4", 0.4, 2)])
+def test_existing_zeros_count_toward_the_target(make, structure, sparsity, shots, method):
+    """'Sparsity' means zeros among the pruned layers' weights, whatever made them zero: a model
+    with 5% scattered zeros ends at the target to one candidate, and its zeros stay zero."""
+    model = with_exact_zeros(make())
+    layers = surgeon.prunable_layers(model)
+    zero_before = {n: l.weight == 0 for n, l in layers.items()}
+    total = sum(l.weight.numel() for l in layers.values())
+    records = []
+    surgeon.prune(model, calib(), Settings(sparsity=sparsity, structure=structure, shots=shots,
+                                           method=method), on_shot=records.append)
+    step = {"unstructured": 1, "2:4": 2,
+            "rowcol": max(max(l.weight.shape) for l in layers.values())}[structure]
+    for record in records:                                     # every shot, not only the last
+        zeros = round(record["sparsity"] * total)
+        target = round(record["target"] * total)
+        assert target <= zeros < target + step
+    for n, l in layers.items():
+        assert (l.weight[zero_before[n]] == 0).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# Interleaved low-rank updates (Sec. 3.5)
+
+
+def test_low_rank_phase_with_zero_steps_changes_nothing():
+    model = tiny_llama()
+    surgeon.prune(model, calib(), Settings(sparsity=0.3, structure="unstructured", shots=1))
+    before = weights(model)
+    layers = surgeon.prunable_layers(model)
+    surgeon.low_rank_phase(model, layers, calib(), Settings(lora_steps=0))
+    assert all(torch.equal(a, b) for a, b in zip(before, weights(model)))
+
+
+@pytest.mark.parametrize("structure", ["unstructured", "2:4", "rowcol"])
+def test_low_rank_phase_keeps_every_removed_weight_at_zero(structure):
+    model = tiny_opt()
+    s = Settings(sparsity=0.4, structure=structure, shots=2, lora_steps=3, lora_lr=1e-2)
+    surgeon.prune(model, calib(), s)
+    layers = surgeon.prunable_layers(model)
+    zeros = {n: l.weight == 0 for n, l in layers.items()}
+    bias_zeros = {n: l.bias == 0 for n, l in layers.items() if l.bias is not None}
+    surgeon.low_rank_phase(model, layers, calib(), s)
+    for n, l in layers.items():
+        assert torch.equal(l.weight == 0, zeros[n]), n          # the same pattern: 2:4 stays 2:4
+        if n in bias_zeros:
+            assert (l.bias[bias_zeros[n]] == 0).all()
+
+
+def test_low_rank_phase_lowers_the_calibration_loss():
+    model = tiny_llama()
+    data = calib()
+    surgeon.prune(model, data, Settings(sparsity=0.5, structure="unstructured", shots=1))
+    layers = surgeon.prunable_layers(model)
+    loss = lambda: sum(float(surgeon.next_token_loss(model, ids).detach()) for ids in data)
+    before = loss()
+    surgeon.low_rank_phase(model, layers, data, Settings(lora_steps=30, lora_lr=1e-2))
+    assert loss() < before
+
+
 # ---------------------------------------------------------------------------------------------
 # A tiny model that has learnt something: the paper's ordering of methods must show
 
@@ -559,6 +632,8 @@ def weights(model):
     (dict(sparsity=1.0), "sparsity"), (dict(sparsity=-0.1), "sparsity"),
     (dict(sparsity=0.6, structure="2:4"), "2:4"), (dict(structure="blocks"), "structure"),
     (dict(method="random"), "method"), (dict(shots=0), "shots"),
+    (dict(lora_steps=-1), "lora"), (dict(curvature_device="gpu7"), "device"),
+    (dict(curvature_device="cuda:9"), "not available"),
 ])
 def test_bad_settings(kwargs, message):
     model = tiny_opt()
@@ -680,3 +755,30 @@ def test_compact_after_rowcol_pruning_keeps_logits(make):
     rebuilt.load_state_dict(model.state_dict())
     with torch.no_grad():
         assert torch.equal(rebuilt(ids).logits, model(ids).logits)
+
+
+def test_out_of_memory_for_factors_says_how_much_and_what_to_do(monkeypatch):
+    def no_room(S, x):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+    monkeypatch.setattr(surgeon, "add_gram", no_room)
+    model = tiny_opt()
+    layers = surgeon.prunable_layers(model)
+    with pytest.raises(MemoryError, match=r"about \d+\.\d GiB.*curvature_device='cpu'"):
+        surgeon.kfac_factors(model, layers, calib())
+    assert all(not l._forward_hooks for l in layers.values())
+
+
+def test_factors_on_a_chosen_device_match():
+    model = tiny_llama()
+    layers = surgeon.prunable_layers(model)
+    here = surgeon.kfac_factors(model, layers, calib())
+    there = surgeon.kfac_factors(model, layers, calib(), device="cpu")
+    assert all(torch.equal(here[n][0], there[n][0]) and torch.equal(here[n][1], there[n][1])
+               for n in layers)
+    want = sum(A.numel() for A in {id(A): A for A, _ in here.values()}.values()) * 4 + \
+        sum(G.numel() for _, G in here.values()) * 4
+    source = {"q_proj": "q_proj", "k_proj": "q_proj", "v_proj": "q_proj", "o_proj": "o_proj",
+              "gate_proj": "gate_proj", "up_proj": "gate_proj", "down_proj": "down_proj"}
+    source = {n: n.rsplit(".", 1)[0] + "." + source[n.rsplit(".", 1)[1]] for n in layers}
+    assert surgeon.factor_bytes(layers, source) == want        # what the memory model counts
+    assert surgeon.factor_bytes(layers) > want                 # no sharing: an upper bound
