@@ -38,6 +38,39 @@ def predict(layers, source, structure):
             "workspace": workspace}
 
 
+# Published shapes: (hidden, ffn, blocks, kv width, vocabulary, biases)
+SHAPES = {"OPT-125m": (768, 3072, 12, 768, 50272, True),
+          "Llama-2-7B": (4096, 11008, 32, 4096, 32000, False),
+          "Llama-2-13B": (5120, 13824, 40, 5120, 32000, False)}
+
+
+def model_table():
+    """The memory model applied to published shapes, in GB (2**30 bytes)."""
+    GB = 2**30
+    rows = []
+    for name, (d, f, blocks, kv, vocab, bias) in SHAPES.items():
+        b = int(bias)
+        # (out, in) of every prunable layer of a block, and the distinct inputs' widths
+        shapes = [(d, d), (kv, d), (kv, d), (d, d)] + \
+            ([(f, d), (d, f)] if bias else [(f, d), (f, d), (d, f)])
+        a_widths = [d + b, d + b, d + b, f + b]                 # qkv, out/o, fc1/gate+up, fc2/down
+        factors = 4 * blocks * (sum(k * k for k in a_widths) + sum(m * m for m, _ in shapes))
+        weights = blocks * sum(m * n for m, n in shapes)
+        params = weights + (vocab * d if bias else 2 * vocab * d) + (2048 * d if bias else 0)
+        workspace = max(8 * (2 * m * (n + b) + 2 * (n + b) ** 2 + 2 * m * m) for m, n in shapes)
+        model, costs = 4 * params, 5 * weights
+        rows.append((name, model / GB, factors / GB, costs / GB, workspace / GB,
+                     (model + factors + costs + workspace) / GB,
+                     (model + costs + workspace) / GB, (model + factors + workspace) / GB,
+                     (model + workspace) / GB))
+    print("| model | model | factors | costs (element) | workspace | peak, factors on the device "
+          "| device, factors in host memory | rows+cols, factors on the device "
+          "| rows+cols, factors in host memory |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r[0]} | " + " | ".join(f"{x:.1f}" for x in r[1:]) + " |")
+
+
 def one(width, args):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -86,7 +119,11 @@ def main():
     p.add_argument("--seqlen", type=int, default=128)
     p.add_argument("--json", help="write all rows here")
     p.add_argument("--one", type=int, help=argparse.SUPPRESS)     # a single width, in-process
+    p.add_argument("--model-table", action="store_true",
+                   help="only print the memory model for OPT-125m, Llama-2-7B and 13B")
     args = p.parse_args()
+    if args.model_table:
+        return model_table()
     if args.one:
         print(json.dumps(one(args.one, args)))
         return
