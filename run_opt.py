@@ -410,15 +410,16 @@ def prune_stage(args, settings, model, calib, test, device, record):
           f"{settings.shots} shots")
 
     def on_shot(shot):
-        line = (f"shot {shot['shot']}/{settings.shots}: sparsity {shot['sparsity']:.4f}  "
-                + "  ".join(f"{k} {v:.1f}s" for k, v in shot["seconds"].items()))
         if args.eval_every_shot:
             shot["ppl"] = perplexity(model, test, device, f"eval shot {shot['shot']}")
-            line += f"  ppl {shot['ppl']:.2f}"
-        tqdm.write(line)
         shots.append(shot)
         if args.checkpoint:
+            tic = time.perf_counter()
             write_checkpoint(args.checkpoint, args, settings, layers, shots)
+            shot["seconds"]["checkpoint"] = time.perf_counter() - tic
+        tqdm.write(f"shot {shot['shot']}/{settings.shots}: sparsity {shot['sparsity']:.4f}  "
+                   + "  ".join(f"{k} {v:.1f}s" for k, v in shot["seconds"].items())
+                   + (f"  ppl {shot['ppl']:.2f}" if "ppl" in shot else ""))
 
     progress = lambda it, desc: tqdm(it, desc=desc, leave=False, file=sys.stderr)
     try:
@@ -453,6 +454,14 @@ def compact_stage(model, test, batch, device, record):
     return report["shapes"]
 
 
+def print_pruned(record, layers):
+    total = sum(layer.weight.numel() for layer in layers.values())
+    print("sparsity per layer (percent zero):\n" + sparsity_table(record["layers"]))
+    print(f"sparsity: {record['sparsity']:.4f} of {total / 1e6:.1f}M weights")
+    dense = "not evaluated" if record["ppl_dense"] is None else f"{record['ppl_dense']:.2f}"
+    print(f"perplexity: dense {dense} -> pruned {record['ppl_pruned']:.2f}")
+
+
 def save_stage(args, model, tokenizer, shapes, record):
     if shapes:
         save_compact(model, tokenizer, args.save, shapes)
@@ -464,25 +473,34 @@ def save_stage(args, model, tokenizer, shapes, record):
     print(f"saved to {args.save}")
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    device, settings = validate(args)
+def new_record(args, settings, device):
     import transformers
     transformers.utils.logging.disable_progress_bar()
-    record = {"settings": {**vars(args), "shots": settings.shots, "damp_g": settings.damp_g,
-                           "device": str(device)},
-              "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                           "transformers": transformers.__version__},
-              "seconds": {}, "peak_memory_mb": {}}
-    with stage(record, "load", device):
-        model, tokenizer = load(args.model, device)
-        layers = surgeon.prunable_layers(model)
-        total = sum(layer.weight.numel() for layer in layers.values())
-        record["params_dense"] = sum(p.numel() for p in model.parameters())
-        record["sparsity_before"] = surgeon.overall_sparsity(layers)
+    return {"settings": {**vars(args), "shots": settings.shots, "damp_g": settings.damp_g,
+                         "device": str(device)},
+            "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                         "transformers": transformers.__version__},
+            "seconds": {}, "peak_memory_mb": {}}
+
+
+def load_stage(args, device, record):
+    model, tokenizer = load(args.model, device)
+    layers = surgeon.prunable_layers(model)
+    total = sum(layer.weight.numel() for layer in layers.values())
+    record["params_dense"] = sum(p.numel() for p in model.parameters())
+    record["sparsity_before"] = surgeon.overall_sparsity(layers)
     print(f"model {args.model}: {record['params_dense'] / 1e6:.1f}M parameters, {len(layers)} "
           f"prunable layers ({total / 1e6:.1f}M weights, {record['sparsity_before']:.2%} zero), "
           f"on {device}")
+    return model, tokenizer, layers
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device, settings = validate(args)
+    record = new_record(args, settings, device)
+    with stage(record, "load", device):
+        model, tokenizer, layers = load_stage(args, device, record)
     with stage(record, "data", device):
         test, calib = load_data(args, tokenizer, model, device)
         if args.sparsity > 0:
@@ -505,19 +523,15 @@ def main(argv=None):
             record["ppl_dense"] = perplexity(model, test, device, "eval dense")
         print(f"{'perplexity' if args.sparsity == 0 else 'dense perplexity'}: "
               f"{record['ppl_dense']:.2f}")
-    report = {"sparsity": record["sparsity_before"], "layers": surgeon.layer_sparsity(layers),
-              "shots": []}
-    record["ppl_pruned"] = record["ppl_dense"]
+    record.update(ppl_pruned=record["ppl_dense"], sparsity=record["sparsity_before"],
+                  layers=surgeon.layer_sparsity(layers), shots=[])
     if args.sparsity > 0:
         with stage(record, "prune", device):
             report = prune_stage(args, settings, model, calib, test, device, record)
         with stage(record, "eval_pruned", device):
             record["ppl_pruned"] = perplexity(model, test, device, "eval pruned")
-        print("sparsity per layer (percent zero):\n" + sparsity_table(report["layers"]))
-        print(f"sparsity: {report['sparsity']:.4f} of {total / 1e6:.1f}M weights")
-        dense = "not evaluated" if record["ppl_dense"] is None else f"{record['ppl_dense']:.2f}"
-        print(f"perplexity: dense {dense} -> pruned {record['ppl_pruned']:.2f}")
-    record.update(sparsity=report["sparsity"], layers=report["layers"], shots=report["shots"])
+        record.update(sparsity=report["sparsity"], layers=report["layers"], shots=report["shots"])
+        print_pruned(record, layers)
     shapes = None
     if compact:
         with stage(record, "compact", device):
