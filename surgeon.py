@@ -169,13 +169,12 @@ class Recorder:
 
 
 @contextmanager
-def frozen_with_hooks(model, layers, recorder):
-    """Parameters frozen (no weight gradients), eval mode, hooks on; all restored afterwards."""
+def frozen_with_hooks(model, hooks: dict):
+    """Parameters frozen (no weight gradients), eval mode, forward hooks {module: hook} on; all
+    restored afterwards."""
     params = list(model.parameters())
-    needs_grad = [p.requires_grad for p in params]
-    was_training = model.training
-    handles = [layer.register_forward_hook(recorder.forward_hook(name))
-               for name, layer in layers.items()]
+    needs_grad, was_training = [p.requires_grad for p in params], model.training
+    handles = [module.register_forward_hook(hook) for module, hook in hooks.items()]
     try:
         model.eval()
         for p in params:
@@ -207,17 +206,16 @@ def kfac_factors(model: nn.Module, layers: dict[str, nn.Linear], batches, device
     device = device or next(model.parameters()).device
     rec = Recorder(device)
     try:
-        with frozen_with_hooks(model, layers, rec):
+        with frozen_with_hooks(model, {l: rec.forward_hook(n) for n, l in layers.items()}):
             for ids in (progress(batches) if progress else batches):
                 rec.start_batch(ids)
                 with torch.enable_grad():                                # also under no_grad
                     next_token_loss(model, ids).backward()
     except torch.OutOfMemoryError as err:
+        need = factor_bytes(layers, rec.source) / 2**30
         raise MemoryError(f"out of memory on {device} while accumulating the curvature factors, "
-                          f"which take about {factor_bytes(layers, rec.source) / 2**30:.1f} GiB "
-                          "there (at most); keep "
-                          "them in host memory with curvature_device='cpu' "
-                          "(--curvature-device cpu)") from err
+                          f"which take about {need:.1f} GiB there (at most); keep them in host "
+                          "memory with curvature_device='cpu' (--curvature-device cpu)") from err
     return assemble_factors(rec, layers)
 
 
@@ -554,46 +552,36 @@ def apply(q: Quadratic, taken: torch.Tensor, s: Settings) -> torch.Tensor:
 def low_rank_phase(model: nn.Module, layers: dict[str, nn.Linear], batches, s: Settings,
                    seed: int = 0):
     """Adds, trains and folds the adapters; `seed` makes their start reproducible."""
-    adapters, handles = {}, []
-    gen = torch.Generator().manual_seed(seed)
+    gen, adapters = torch.Generator().manual_seed(seed), {}
+    for name, layer in layers.items():
+        W = get_matrix(layer)                                                   # (m, k)
+        A = (torch.randn(W.shape[1], s.lora_rank, generator=gen) / W.shape[1]**0.5).to(W.device)
+        B = torch.zeros(len(W), s.lora_rank, device=W.device)
+        adapters[name] = (B.requires_grad_(), A.requires_grad_(), (W != 0).float())
+
+    def delta(name):                                                            # (B A^T) * M
+        B, A, M = adapters[name]
+        return (B @ A.T) * M
 
     def hook(name):
         def add(layer, inputs, y):
-            B, A, M = adapters[name]
-            dW = (B @ A.T) * M                                                  # (m, k)
-            bias = dW[:, layer.in_features] if layer.bias is not None else None
+            dW = delta(name)
+            bias = dW[:, -1] if layer.bias is not None else None
             return y + F.linear(inputs[0], dW[:, :layer.in_features], bias)
         return add
 
-    for name, layer in layers.items():
-        W = get_matrix(layer)
-        m, k = W.shape
-        A = (torch.randn(k, s.lora_rank, generator=gen) / k**0.5).to(W.device)
-        B = torch.zeros(m, s.lora_rank, device=W.device)
-        adapters[name] = (B.requires_grad_(), A.requires_grad_(), (W != 0).float())
-        handles.append(layer.register_forward_hook(hook(name)))
-    params = list(model.parameters())
-    needs_grad = [p.requires_grad for p in params]
-    try:
-        for p in params:
-            p.requires_grad_(False)
-        opt = torch.optim.Adam([t for B, A, _ in adapters.values() for t in (B, A)], lr=s.lora_lr)
+    opt = torch.optim.Adam([t for B, A, _ in adapters.values() for t in (B, A)], lr=s.lora_lr)
+    hooks = {layer: hook(name) for name, layer in layers.items()}
+    with frozen_with_hooks(model, hooks), torch.enable_grad():
         for step in range(s.lora_steps):
             ids = batches[step % len(batches)]
-            with torch.enable_grad():
-                loss = next_token_loss(model, ids) / len(ids)
-                opt.zero_grad()
-                loss.backward()
+            loss = next_token_loss(model, ids) / len(ids)
+            opt.zero_grad()
+            loss.backward()
             opt.step()
-    finally:
-        for h in handles:
-            h.remove()
-        for p, r in zip(params, needs_grad):
-            p.requires_grad_(r)
     with torch.no_grad():
         for name, layer in layers.items():
-            B, A, M = adapters[name]
-            set_matrix(layer, get_matrix(layer) + ((B @ A.T) * M).double())
+            set_matrix(layer, get_matrix(layer) + delta(name).double())
 
 
 # ----------------------------------------------------------------------------------------------

@@ -93,7 +93,8 @@ def one(width, args):
     report = surgeon.prune(model, batches, s)
     seconds = report["shots"][0]["seconds"]
     rec = surgeon.Recorder("cpu")                              # which layers share an input
-    with surgeon.frozen_with_hooks(model, layers, rec), torch.no_grad():
+    hooks = {layer: rec.forward_hook(name) for name, layer in layers.items()}
+    with surgeon.frozen_with_hooks(model, hooks), torch.no_grad():
         rec.start_batch(batches[0][:, :2])
         model(batches[0][:, :2])
     parts = predict(layers, rec.source, args.structure)
