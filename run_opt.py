@@ -8,6 +8,8 @@ test split before and after, as SparseGPT and the paper do. --model also takes a
 --train-file / --test-file local plain text, so the same command runs without a hub.
 """
 import argparse
+import ctypes
+import gc
 from contextlib import contextmanager
 import json
 import math
@@ -229,6 +231,16 @@ def latency_ms(model, batch, runs=5):
     return sorted(times[1:])[runs // 2]
 
 
+def release_memory():
+    """Hand freed memory back to the system (glibc keeps it otherwise), so that one stage's
+    temporaries (the tokenizer's, a shot's) do not stack onto the next stage's peak."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):                  # not glibc: nothing to do
+        pass
+
+
 def peak_memory_mb(device):
     if str(device).startswith("cuda"):
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -413,6 +425,7 @@ def prune_stage(args, settings, model, calib, test, device, record):
         if args.eval_every_shot:
             shot["ppl"] = perplexity(model, test, device, f"eval shot {shot['shot']}")
         shots.append(shot)
+        release_memory()
         if args.checkpoint:
             tic = time.perf_counter()
             write_checkpoint(args.checkpoint, args, settings, layers, shots)
@@ -503,6 +516,7 @@ def main(argv=None):
         model, tokenizer, layers = load_stage(args, device, record)
     with stage(record, "data", device):
         test, calib = load_data(args, tokenizer, model, device)
+        release_memory()
         if args.sparsity > 0:
             try:
                 surgeon.check(settings, layers, calib)

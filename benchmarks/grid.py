@@ -24,6 +24,7 @@ import glob
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 
@@ -82,11 +83,16 @@ def run(args):
         if os.path.exists(out):
             continue
         print(f"== {name}", flush=True)
-        cmd = [sys.executable, os.path.join(ROOT, "run_opt.py"), *common, *extra, "--json", out]
-        with open(out[:-5] + ".log", "w") as log:
+        checkpoint = out[:-5] + ".checkpoint"              # a killed run resumes from here
+        resume = ["--resume"] if os.path.exists(os.path.join(checkpoint, "checkpoint.pt")) else []
+        cmd = [sys.executable, os.path.join(ROOT, "run_opt.py"), *common, *extra, "--json", out,
+               "--checkpoint", checkpoint, *resume]
+        with open(out[:-5] + ".log", "a" if resume else "w") as log:
             done = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT)
         if done.returncode:
             print(f"   failed, see {out[:-5]}.log", flush=True)
+        else:
+            shutil.rmtree(checkpoint, ignore_errors=True)
         write_table(args.results)
 
 
