@@ -8,6 +8,7 @@ test split before and after, as SparseGPT and the paper do. --model also takes a
 --train-file / --test-file local plain text, so the same command runs without a hub.
 """
 import argparse
+import atexit
 import ctypes
 import gc
 from contextlib import contextmanager
@@ -18,7 +19,9 @@ import platform
 import random
 import re
 import resource
+import shutil
 import sys
+import tempfile
 import time
 
 import torch
@@ -76,6 +79,9 @@ def parse_args(argv=None):
     p.add_argument("--damp-g", type=float, help="damping of G, relative (default 0.01 rowcol, 0.1 otherwise)")
     p.add_argument("--max-correlate", type=positive, default=2000,
                    help="most removed weights solved together in an element update")
+    p.add_argument("--device-map", metavar="auto|FILE.json",
+                   help="place the model across devices with accelerate: 'auto', or a JSON file "
+                        "mapping module names to a GPU index, 'cpu' or 'disk'")
     p.add_argument("--curvature-device",
                    help="where the KFAC factors live (default: the model's device; cpu keeps "
                         "them in host memory)")
@@ -104,13 +110,20 @@ def parse_args(argv=None):
 COMPACT = "compact.json"
 
 
-def load(name, device="cpu"):
-    """Model and tokenizer from a hub id or folder, compacted folders included."""
+def load(name, device="cpu", device_map=None):
+    """Model and tokenizer from a hub id or folder, compacted folders included. With a device
+    map, accelerate places the model (weights offloaded to disk go to a temporary folder)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
         if os.path.isfile(os.path.join(name, COMPACT)):
             model = load_compact(name)
+        elif device_map:
+            offload = tempfile.mkdtemp(prefix="llm-surgeon-offload-")
+            atexit.register(shutil.rmtree, offload, ignore_errors=True)
+            model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32,
+                                                         device_map=device_map,
+                                                         offload_folder=offload)
         else:
             model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
     except Exception as err:                        # unknown id, no network, broken folder
@@ -118,7 +131,38 @@ def load(name, device="cpu"):
         fail(f"cannot load model {name!r} ({first}). Without a hub, pass a local folder with "
              "--model /path/to/folder")
     model.config.use_cache = False
+    if device_map:
+        offloaded_access(model, offload)
+        return model.eval(), tokenizer
     return model.to(device).eval(), tokenizer
+
+
+def offloaded_access(model, folder):
+    """Give every layer whose weights accelerate keeps off the device (in host memory or on
+    disk, its parameters on 'meta' between calls) the read_weights/write_weights that surgeon
+    uses. Writes go to host memory in place, or to a new file in `folder` for disk weights (a
+    disk weight may be read from the model's own safetensors file, which stays untouched)."""
+    from accelerate.utils import offload_weight
+    for module in model.modules():
+        hook = getattr(module, "_hf_hook", None)
+        if not isinstance(module, torch.nn.Linear) or not getattr(hook, "offload", False):
+            continue
+        store, prefix = hook.weights_map.dataset, hook.weights_map.prefix
+
+        def read(store=store, prefix=prefix, bias=module.bias is not None):
+            return store[prefix + "weight"], store[prefix + "bias"] if bias else None
+
+        def write(weight, bias, store=store, prefix=prefix):
+            for key, value in ((prefix + "weight", weight), (prefix + "bias", bias)):
+                if value is None:
+                    continue
+                in_memory = getattr(store, "state_dict", store)              # host memory
+                if key in in_memory:
+                    in_memory[key].copy_(value)
+                else:                                                         # disk
+                    store.save_folder = store.save_folder or folder
+                    offload_weight(value.detach().cpu(), key, store.save_folder, store.index)
+        module.read_weights, module.write_weights = read, write
 
 
 def save_compact(model, tokenizer, folder, shapes):
@@ -296,6 +340,25 @@ def writable_folder(path, what, mark):
         fail(f"{what} {path} cannot be written ({existing} is not writable)")
 
 
+def device_map(value):
+    """'auto' or the mapping in a JSON file, checked; accelerate must be installed."""
+    try:
+        import accelerate  # noqa: F401  (from_pretrained dispatches through it)
+    except ImportError:
+        fail("--device-map needs accelerate: pip install accelerate")
+    if value == "auto":
+        return value
+    try:
+        mapping = json.loads(read_text(value))
+    except json.JSONDecodeError as err:
+        fail(f"--device-map {value} is not JSON ({err.msg}, line {err.lineno})")
+    if not isinstance(mapping, dict) or not all(
+            isinstance(v, int) or v in ("cpu", "disk") or str(v).startswith("cuda")
+            for v in mapping.values()):
+        fail(f"--device-map {value} must map module names to a GPU index, 'cpu' or 'disk'")
+    return mapping
+
+
 def validate(args):
     """The device and settings, after checking everything that needs no model."""
     settings = surgeon.Settings(
@@ -312,6 +375,8 @@ def validate(args):
     for path in (args.train_file, args.test_file):
         if path:
             read_text(path)
+    if args.device_map:
+        args.device_map = device_map(args.device_map)
     if args.json:
         writable_file(args.json, "--json")
     if args.save:
@@ -344,9 +409,8 @@ def result_settings(args, settings):
 def write_checkpoint(folder, args, settings, layers, shots):
     state = {"settings": result_settings(args, settings),
              "next_shot": shots[-1]["shot"] + 1, "shots": shots,
-             "weights": {name: (layer.weight.detach().cpu(),
-                                None if layer.bias is None else layer.bias.detach().cpu())
-                         for name, layer in layers.items()}}
+             "weights": {name: surgeon.get_matrix(layer).float().cpu()
+                         for name, layer in layers.items()}}                # W~ = [W | b]
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, CHECKPOINT)
     torch.save(state, path + ".tmp")
@@ -368,12 +432,8 @@ def open_checkpoint(folder, args, settings):
 def read_checkpoint(folder, args, settings, layers):
     """Loads the weights into `layers`; returns (next shot, shot records so far)."""
     state = open_checkpoint(folder, args, settings)
-    with torch.no_grad():
-        for name, layer in layers.items():
-            W, b = state["weights"][name]
-            layer.weight.copy_(W)
-            if b is not None:
-                layer.bias.copy_(b)
+    for name, layer in layers.items():
+        surgeon.set_matrix(layer, state["weights"][name])
     return state["next_shot"], state["shots"]
 
 
@@ -497,7 +557,7 @@ def new_record(args, settings, device):
 
 
 def load_stage(args, device, record):
-    model, tokenizer = load(args.model, device)
+    model, tokenizer = load(args.model, device, args.device_map)
     layers = surgeon.prunable_layers(model)
     total = sum(layer.weight.numel() for layer in layers.values())
     record["params_dense"] = sum(p.numel() for p in model.parameters())

@@ -77,18 +77,30 @@ def prunable_layers(model: nn.Module) -> dict[str, nn.Linear]:
     return inside or {name: mod for name, mod in linear.items() if mod is not head}
 
 
+def weights_of(layer: nn.Linear):
+    """(weight, bias): the layer's parameters, or what layer.read_weights() returns for a layer
+    whose weights live elsewhere (offloaded to host memory or disk, say)."""
+    read = getattr(layer, "read_weights", None)
+    return read() if read else (layer.weight.detach(), layer.bias)
+
+
 def get_matrix(layer: nn.Linear) -> torch.Tensor:
     """W~ = [W | b] in float64, (m, n+1) with a bias, (m, n) without."""
-    W = layer.weight.detach().double()
-    return W if layer.bias is None else torch.cat([W, layer.bias.detach().double()[:, None]], 1)
+    W, b = weights_of(layer)
+    W = W.detach().double()
+    return W if b is None else torch.cat([W, b.detach().double()[:, None]], 1)
 
 
 @torch.no_grad()
 def set_matrix(layer: nn.Linear, W: torch.Tensor):
-    n = layer.in_features
-    layer.weight.copy_(W[:, :n])
-    if layer.bias is not None:
-        layer.bias.copy_(W[:, n])
+    """Write W~ back: into the parameters, or through layer.write_weights(weight, bias)."""
+    n, dtype = layer.in_features, layer.weight.dtype
+    weight, bias = W[:, :n].to(dtype), W[:, n].to(dtype) if layer.bias is not None else None
+    if hasattr(layer, "write_weights"):
+        return layer.write_weights(weight, bias)
+    layer.weight.copy_(weight)
+    if bias is not None:
+        layer.bias.copy_(bias)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -590,11 +602,12 @@ def low_rank_phase(model: nn.Module, layers: dict[str, nn.Linear], batches, s: S
 
 
 def layer_sparsity(layers: dict[str, nn.Linear]) -> dict[str, float]:
-    return {name: (layer.weight == 0).float().mean().item() for name, layer in layers.items()}
+    return {name: (weights_of(layer)[0] == 0).float().mean().item()
+            for name, layer in layers.items()}
 
 
 def count_zeros(layers: dict[str, nn.Linear]) -> int:
-    return sum(int((layer.weight == 0).sum()) for layer in layers.values())
+    return sum(int((weights_of(layer)[0] == 0).sum()) for layer in layers.values())
 
 
 def overall_sparsity(layers: dict[str, nn.Linear]) -> float:

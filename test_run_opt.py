@@ -332,3 +332,34 @@ def test_resume_with_other_settings_is_refused(files, tmp_path, monkeypatch, cap
     with pytest.raises(SystemExit):                           # an existing one needs --resume
         run_with_checkpoint(files, tmp_path / "ckpt", tmp_path / "other")
     assert "pass --resume" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# Models across devices (accelerate): here, on CPU, with one block offloaded to disk
+
+
+@pytest.mark.parametrize("structure", ["unstructured", "rowcol"])
+def test_disk_offload_gives_the_same_pruned_weights(files, tmp_path, structure):
+    pytest.importorskip("accelerate")
+    placement = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
+                 "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    (tmp_path / "map.json").write_text(json.dumps(placement))
+    before = (files / "llama" / "model.safetensors").read_bytes()
+    common = ("--structure", structure, "--sparsity", "0.4")
+    plain = run_opt.main(args_for(files, "llama", *common, "--save", str(tmp_path / "plain")))
+    mapped = run_opt.main(args_for(files, "llama", *common, "--save", str(tmp_path / "mapped"),
+                                   "--device-map", str(tmp_path / "map.json")))
+    assert mapped["sparsity"] == plain["sparsity"] and mapped["ppl_pruned"] == plain["ppl_pruned"]
+    a, b = pruned_weights(tmp_path / "plain"), pruned_weights(tmp_path / "mapped")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert (files / "llama" / "model.safetensors").read_bytes() == before   # the source untouched
+
+
+def test_bad_device_map_is_caught_before_loading(files, tmp_path, capsys, monkeypatch):
+    (tmp_path / "map.json").write_text('{"model.layers.0": "moon"}')
+    monkeypatch.setattr(run_opt, "load", no_loading)
+    with pytest.raises(SystemExit):
+        run_opt.main(args_for(files, "llama", "--device-map", str(tmp_path / "map.json")))
+    assert "must map module names to a GPU index, 'cpu' or 'disk'" in capsys.readouterr().err
