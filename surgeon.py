@@ -368,7 +368,8 @@ def candidates(q: Quadratic, structure: str, method: str):
     live = W.masked_fill(removed, 0).reshape(pair.shape)
     cost = pair_costs(live.reshape(W.shape), q.A, q.a[:n], q.g, method).min(-1).values
     gone = ((pair & ~removed.reshape(pair.shape)).sum(-1) == 0)
-    gain = (pair & nonzero.reshape(pair.shape)).sum(-1)
+    dead = (q.dead_rows[:, None] | q.dead_cols[None, :n]).reshape(pair.shape)  # zeroed anyway
+    gain = ((pair | dead) & nonzero.reshape(pair.shape)).sum(-1)
     return cost.masked_fill(gone, REMOVED).flatten().float(), gain.flatten().to(torch.uint8)
 
 
