@@ -477,9 +477,10 @@ def remove_elements(W, A_inv, G_inv, mask, max_correlate):
     C_qq' = G_inv[i_q, i_q'] A_inv[j_q, j_q'] is solved in chunks of whole rows holding at most
     max_correlate removed weights, each chunk on the weights as updated by those before it;
     everything in the mask is zeroed at the end. G = I and one row a chunk is per-row OBS.
-    Chunk R's update is dW = -G_inv[:, R] U_R, U_R = M_R A_inv with M_R = C^-1 w_Q on Q.
+    Chunk R's update is dW = -G_inv[:, R] M_R A_inv with M_R = C^-1 w_Q on Q (zero elsewhere).
     As in SparseGPT, updates are applied lazily: a block of up to LAZY_ROWS rows collects its
-    U's, brings each chunk's w_Q up to date from them, and updates all of W in one product."""
+    M's, brings each chunk's w_Q up to date from them (through the rows A_inv[j_q], which also
+    hold C), and updates all of W with two products at the end of the block."""
     W = W.to(G_inv.dtype).clone()
     solve = mask & (G_inv.diagonal()[:, None] > 0) & (A_inv.diagonal()[None, :] > 0)
     chunks = _row_chunks(solve.sum(1).tolist(), max_correlate)
@@ -489,22 +490,21 @@ def remove_elements(W, A_inv, G_inv, mask, max_correlate):
             block.append(chunks.pop(0))
         B = torch.tensor([i for R in block for i in R], device=W.device)       # block rows
         G_B = G_inv[:, B]                                                       # (m, |B|)
-        U = W.new_zeros(len(B), W.shape[1])                                     # (|B|, k)
+        M = W.new_zeros(len(B), W.shape[1])                                     # (|B|, k)
         start = 0
         for R in block:
             here, start = slice(start, start + len(R)), start + len(R)
             r, j = solve[R].nonzero(as_tuple=True)                              # Q in chunk R
             i = B[here][r]
+            A_j = A_inv.index_select(0, j)                                      # (|Q|, k)
             G_ii = _submatrix(G_inv, i) if len(R) > 1 else G_inv[i[0], i[0]]    # one row: scalar
-            C = G_ii * _submatrix(A_inv, j)                                     # (|Q|, |Q|)
-            T, info = torch.linalg.cholesky_ex(C, upper=True)                   # C = T^T T
+            T, info = torch.linalg.cholesky_ex(G_ii * A_j[:, j], upper=True)    # C = T^T T
             if info.item():
                 raise ValueError("correlated update is not positive definite; increase the damping")
-            w = W[i, j] - (G_B[R] @ U)[r, j]                                    # w_Q as updated
-            M = W.new_zeros(len(R), W.shape[1])
-            M[r, j] = torch.cholesky_solve(w[:, None], T, upper=True)[:, 0]     # C^-1 w_Q
-            U[here] = M @ A_inv                                                 # M_R A_inv
-        W -= G_B @ U                                                            # -G_inv M A_inv
+            V = G_B[R] @ M                                                      # (|R|, k)
+            w = W[i, j] - (V[r] * A_j).sum(1)                                   # w_Q as updated
+            M[here][r, j] = torch.cholesky_solve(w[:, None], T, upper=True)[:, 0]  # C^-1 w_Q
+        W -= G_B @ (M @ A_inv)                                                  # -G_inv M A_inv
     W[mask] = 0
     return W
 
