@@ -452,7 +452,7 @@ def _select_rowcol(costs, nonzero, target, zeros):
 
 # ----------------------------------------------------------------------------------------------
 # 6. OBS updates (Sec. 3.3, Eq. 6): dtheta = -F^-1 E_Q [(F^-1)_QQ]^-1 theta_Q, F^-1 = G_inv (x) A_inv.
-#    The OBD baselines have a diagonal-free update of zero: they only zero what they remove.
+#    The OBD baselines make no update: they only zero what they remove.
 
 
 def remove_rows_columns(W, A_inv, G_inv, rows, cols):

@@ -27,11 +27,12 @@ def rss_mb():
 
 def predict(layers, source, structure):
     """Bytes by the memory model: model (float32), KFAC factors (float32, one A per input),
-    costs (float32 + a uint8 gain per candidate for element structures), and the float64
+    costs (float32 + a uint8 gain per weight or group; rows and columns: the nonzero pattern, one
+    byte per weight), and the float64
     workspace of the largest layer: W~, the damped A and G and their inverses, the new W~."""
     import surgeon
     n_weights = sum(l.weight.numel() for l in layers.values())
-    per_candidate = 5 if structure != "rowcol" else 0
+    per_candidate = 5 if structure != "rowcol" else 1      # rowcol: the nonzero pattern
     workspace = max(8 * (2 * l.weight.numel() + 2 * (l.in_features + 1) ** 2
                          + 2 * l.out_features ** 2) for l in layers.values())
     return {"factors": surgeon.factor_bytes(layers, source), "costs": per_candidate * n_weights,
@@ -58,13 +59,13 @@ def model_table():
         weights = blocks * sum(m * n for m, n in shapes)
         params = weights + (vocab * d if bias else 2 * vocab * d) + (2048 * d if bias else 0)
         workspace = max(8 * (2 * m * (n + b) + 2 * (n + b) ** 2 + 2 * m * m) for m, n in shapes)
-        model, costs = 4 * params, 5 * weights
+        model, costs, pattern = 4 * params, 5 * weights, weights
         rows.append((name, model / GB, factors / GB, costs / GB, workspace / GB,
                      (model + factors + costs + workspace) / GB,
-                     (model + costs + workspace) / GB, (model + factors + workspace) / GB,
-                     (model + workspace) / GB))
-    print("| model | model | factors | costs (element) | workspace | peak, factors on the device "
-          "| device, factors in host memory | rows+cols, factors on the device "
+                     (model + costs + workspace) / GB, (model + factors + pattern + workspace) / GB,
+                     (model + pattern + workspace) / GB))
+    print("| model | model | factors | costs (element) | workspace | all on the device "
+          "| device, factors in host memory | rows+cols, all on the device "
           "| rows+cols, factors in host memory |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
