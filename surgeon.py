@@ -265,18 +265,23 @@ def assemble_factors(rec: Recorder, layers):
 
 def damped_inverse(X: torch.Tensor, damp: float, dead: torch.Tensor, name: str = "layer"):
     """X + damp * mean(diag X_live) * I on the live coordinates and its inverse (float64,
-    Cholesky); both zero on the dead coordinates (Sec. 3.2, damping)."""
+    Cholesky); both zero on the dead coordinates (Sec. 3.2, damping). X itself is not changed."""
     live = (~dead).nonzero()[:, 0]
-    X_live = X[live][:, live].double()
+    everything = len(live) == len(X)
+    X_live = X.to(torch.float64, copy=True) if everything else X[live][:, live].double()
     X_live.diagonal().add_(damp * X_live.diagonal().mean() if len(live) else 0.0)
     L, info = torch.linalg.cholesky_ex(X_live)
     if info != 0 or not torch.isfinite(L).all():
         raise ValueError(f"curvature of {name} is not positive definite; increase the damping "
                          f"(--damp-a / --damp-g)")
-    X_hat = X.new_zeros(X.shape, dtype=torch.float64)
+    X_inv_live = torch.cholesky_inverse(L)
+    del L
+    if everything:                                          # no copies into zero-padded ones
+        return X_live, X_inv_live
+    X_hat = X_live.new_zeros(X.shape)
     X_inv = torch.zeros_like(X_hat)
     X_hat[live[:, None], live] = X_live
-    X_inv[live[:, None], live] = torch.cholesky_inverse(L)
+    X_inv[live[:, None], live] = X_inv_live
     return X_hat, X_inv
 
 
@@ -302,8 +307,8 @@ def quadratic(layer: nn.Linear, A, G, s: Settings, name="layer") -> Quadratic:
     W = get_matrix(layer)
     m, k = W.shape
     n_in, dev = layer.in_features, W.device
-    A = None if s.method == "magnitude" else A.to(dev, torch.float64)
-    G = G.to(dev, torch.float64) if s.method in ("surgeon", "kobd") else None
+    A = None if s.method == "magnitude" else A.to(dev)
+    G = G.to(dev) if s.method in ("surgeon", "kobd") else None
     dead_rows = (W == 0).all(1) | (G.diagonal() == 0 if G is not None else False)
     dead_cols = A.diagonal() == 0 if A is not None else torch.zeros(k, dtype=torch.bool, device=dev)
     dead_cols[:n_in] |= (W[:, :n_in] == 0).all(0)          # the bias column never dies of zeros
@@ -312,7 +317,8 @@ def quadratic(layer: nn.Linear, A, G, s: Settings, name="layer") -> Quadratic:
         A, A_inv = damped_inverse(A, s.damp_a, dead_cols, name)
         G, G_inv = damped_inverse(G, s.damp_g, dead_rows, name)
         a, g = 1 / A_inv.diagonal(), 1 / G_inv.diagonal()  # 1 / (F^-1)_qq per factor
-    else:
+    else:                                                 # OBD: the undamped factors
+        A, G = (X.double() if X is not None else None for X in (A, G))
         a = A.diagonal().clone() if A is not None else torch.ones(k, dtype=W.dtype, device=dev)
         g = G.diagonal().clone() if G is not None else torch.ones(m, dtype=W.dtype, device=dev)
     a[dead_cols], g[dead_rows] = 0, 0
@@ -321,7 +327,7 @@ def quadratic(layer: nn.Linear, A, G, s: Settings, name="layer") -> Quadratic:
 
 def element_costs(W, a, g):
     """(m, k) costs 1/2 g_i a_j W_ij^2 of removing one weight each."""
-    return 0.5 * g[:, None] * a[None, :] * W**2
+    return W.square().mul_(a).mul_(g[:, None]).mul_(0.5)
 
 
 def row_costs(W, A, g):

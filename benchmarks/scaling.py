@@ -25,16 +25,23 @@ def rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def workspace_bytes(m, k):
+    """float64 bytes of one layer's workspace at its peak: W~ and the damped A, G and their
+    inverses (2 k^2 + 2 m^2), the Cholesky factor and copy of the larger factor while it is
+    inverted (max(k, m)^2 more), and about 3 more (m, k) arrays while costs are computed and
+    the update is applied."""
+    return 8 * (4 * m * k + 2 * k * k + 2 * m * m + max(k, m) ** 2)
+
+
 def predict(layers, source, structure):
     """Bytes by the memory model: model (float32), KFAC factors (float32, one A per input),
     costs (float32 + a uint8 gain per weight or group; rows and columns: the nonzero pattern, one
-    byte per weight), and the float64
-    workspace of the largest layer: W~, the damped A and G and their inverses, the new W~."""
+    byte per weight), and the float64 workspace of the largest layer (workspace_bytes)."""
     import surgeon
     n_weights = sum(l.weight.numel() for l in layers.values())
     per_candidate = 5 if structure != "rowcol" else 1      # rowcol: the nonzero pattern
-    workspace = max(8 * (2 * l.weight.numel() + 2 * (l.in_features + 1) ** 2
-                         + 2 * l.out_features ** 2) for l in layers.values())
+    workspace = max(workspace_bytes(l.out_features, l.in_features + (l.bias is not None))
+                    for l in layers.values())
     return {"factors": surgeon.factor_bytes(layers, source), "costs": per_candidate * n_weights,
             "workspace": workspace}
 
@@ -58,7 +65,7 @@ def model_table():
         factors = 4 * blocks * (sum(k * k for k in a_widths) + sum(m * m for m, _ in shapes))
         weights = blocks * sum(m * n for m, n in shapes)
         params = weights + (vocab * d if bias else 2 * vocab * d) + (2048 * d if bias else 0)
-        workspace = max(8 * (2 * m * (n + b) + 2 * (n + b) ** 2 + 2 * m * m) for m, n in shapes)
+        workspace = max(workspace_bytes(m, n + b) for m, n in shapes)
         model, costs, pattern = 4 * params, 5 * weights, weights
         rows.append((name, model / GB, factors / GB, costs / GB, workspace / GB,
                      (model + factors + costs + workspace) / GB,
