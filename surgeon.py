@@ -508,7 +508,7 @@ def remove_elements(W, A_inv, G_inv, mask, max_correlate):
             if info.item():
                 raise ValueError("correlated update is not positive definite; increase the damping")
             V = G_B[R] @ M                                                      # (|R|, k)
-            w = W[i, j] - (V[r] * A_j).sum(1)                                   # w_Q as updated
+            w = W[i, j] - (A_j @ V.T).gather(1, r[:, None])[:, 0]              # w_Q as updated
             M[here][r, j] = torch.cholesky_solve(w[:, None], T, upper=True)[:, 0]  # C^-1 w_Q
         W -= G_B @ (M @ A_inv)                                                  # -G_inv M A_inv
     W[mask] = 0
