@@ -145,14 +145,14 @@ def main():
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
         row = json.loads(out.strip().splitlines()[-1])
         rows.append(row)
+        if args.json:                                      # after every width: a kill keeps them
+            with open(args.json, "w") as f:
+                json.dump({"command": " ".join(sys.argv), "rows": rows}, f, indent=1)
         pred, peak = row["predicted_peak_mb"], row["rss_mb"]["peak"]
         print(f"width {width:5d} ({row['params'] / 1e6:6.1f}M params): "
               + "  ".join(f"{k} {v:.1f}s" for k, v in row["seconds"].items())
               + f"  peak {peak:.0f} MB, predicted {pred:.0f} MB ({pred / peak - 1:+.0%}); "
               + ", ".join(f"{k} {v:.0f}" for k, v in row["predicted_mb"].items()), flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"command": " ".join(sys.argv), "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":
