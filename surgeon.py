@@ -224,10 +224,12 @@ def kfac_factors(model: nn.Module, layers: dict[str, nn.Linear], batches, device
                 with torch.enable_grad():                                # also under no_grad
                     next_token_loss(model, ids).backward()
     except torch.OutOfMemoryError as err:
+        rec.last_input = None
         need = factor_bytes(layers, rec.source) / 2**30
         raise MemoryError(f"out of memory on {device} while accumulating the curvature factors, "
                           f"which take about {need:.1f} GiB there (at most); keep them in host "
                           "memory with curvature_device='cpu' (--curvature-device cpu)") from err
+    rec.last_input = None             # it holds the autograd graph, whose hooks hold rec: a cycle
     return assemble_factors(rec, layers)
 
 

@@ -428,6 +428,20 @@ def test_kfac_of_one_token_is_its_empirical_fisher(make):
                               atol=1e-9, rtol=1e-4), name
 
 
+def test_kfac_factors_are_freed_with_the_last_reference():
+    """Nothing of the curvature pass outlives its factors (a leak here cost a shot's factors per
+    shot: 1.1 GB each on SmolLM2)."""
+    import gc
+    import weakref
+    model = tiny_llama()
+    layers = surgeon.prunable_layers(model)
+    factors = surgeon.kfac_factors(model, layers, calib())
+    refs = [weakref.ref(X) for pair in factors.values() for X in pair]
+    del factors
+    gc.collect()
+    assert all(r() is None for r in refs)
+
+
 def test_kfac_works_under_no_grad():
     model = tiny_llama()
     layers = surgeon.prunable_layers(model)
