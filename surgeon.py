@@ -401,6 +401,8 @@ def select(costs, gains, structure, target, zeros):
     them, target the number of zero weights wanted, zeros the number there are now."""
     if structure == "rowcol":
         return _select_rowcol(costs, gains, target, zeros)
+    if structure == "2:4" and target >= 2 * sum(len(c) for c in costs):
+        return [torch.ones_like(c, dtype=torch.bool) for c in costs]   # 50%: every group (Sec. 5)
     return _select_threshold(costs, gains, target, zeros)
 
 

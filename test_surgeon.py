@@ -552,6 +552,15 @@ def test_existing_zeros_count_toward_the_target(make, structure, sparsity, shots
         assert (l.weight[zero_before[n]] == 0).all()
 
 
+@pytest.mark.parametrize("method", ["magnitude", "surgeon"])
+def test_two_four_at_half_prunes_every_group_despite_existing_zeros(method):
+    """Existing zeros must not leave groups dense at 50%: the 2:4 pattern is what was asked."""
+    model = with_exact_zeros(tiny_llama(), fraction=0.3)        # many groups hold 3 or 4 zeros
+    surgeon.prune(model, calib(), Settings(sparsity=0.5, structure="2:4", shots=2, method=method))
+    for layer in surgeon.prunable_layers(model).values():
+        assert ((layer.weight.reshape(-1, 4) == 0).sum(-1) >= 2).all()
+
+
 # ---------------------------------------------------------------------------------------------
 # Interleaved low-rank updates (Sec. 3.5)
 
