@@ -470,7 +470,7 @@ def load_data(args, tokenizer, model, device):
     return test, [w.to(device) for w in calib]
 
 
-def prune_stage(args, settings, model, calib, test, device, record):
+def prune_stage(args, settings, model, calib, test, device):
     """surgeon.prune with progress, per-shot lines, checkpoints and resume."""
     from tqdm import tqdm
     layers = surgeon.prunable_layers(model)
@@ -601,7 +601,7 @@ def main(argv=None):
                   layers=surgeon.layer_sparsity(layers), shots=[])
     if args.sparsity > 0:
         with stage(record, "prune", device):
-            report = prune_stage(args, settings, model, calib, test, device, record)
+            report = prune_stage(args, settings, model, calib, test, device)
         with stage(record, "eval_pruned", device):
             record["ppl_pruned"] = perplexity(model, test, device, "eval pruned")
         record.update(sparsity=report["sparsity"], layers=report["layers"], shots=report["shots"])
