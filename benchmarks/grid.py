@@ -69,17 +69,25 @@ METHODS = [("magnitude", "magnitude"), ("L-OBD", "lobd"), ("K-OBD", "kobd"),
            ("LLM Surgeon", "surgeon")]
 
 
-def run(args):
-    os.makedirs(args.results, exist_ok=True)
+def common_args(args):
+    """run_opt.py arguments shared by every run of a grid or study."""
     common = ["--model", args.model, "--nsamples", str(args.nsamples), "--seqlen",
               str(args.seqlen), "--seed", "0", "--eval-windows", str(args.eval_windows),
               "--skip-dense-eval"]
     common += ["--train-file", args.train_file] if args.train_file else []
     common += ["--test-file", args.test_file] if args.test_file else []
-    for name, extra in GRID.items():
-        if args.only and name not in args.only:
+    return common
+
+
+def run_entries(entries, results, common, only=None):
+    """Run each entry (name: run_opt.py arguments) whose JSON record is not in `results` yet;
+    a killed run resumes from its checkpoint. Returns the names that failed."""
+    os.makedirs(results, exist_ok=True)
+    failed = []
+    for name, extra in entries.items():
+        if only and name not in only:
             continue
-        out = os.path.join(args.results, name.replace(":", "") + ".json")
+        out = os.path.join(results, name.replace(":", "") + ".json")
         if os.path.exists(out):
             continue
         print(f"== {name}", flush=True)
@@ -91,9 +99,17 @@ def run(args):
             done = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT)
         if done.returncode:
             print(f"   failed, see {out[:-5]}.log", flush=True)
+            failed.append(name)
         else:
             shutil.rmtree(checkpoint, ignore_errors=True)
-        write_table(args.results)
+    return failed
+
+
+def run(args):
+    for name in GRID:
+        if not args.only or name in args.only:
+            run_entries({name: GRID[name]}, args.results, common_args(args))
+            write_table(args.results)
 
 
 def load_records(folder):

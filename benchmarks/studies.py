@@ -1,0 +1,82 @@
+"""Studies behind the defaults, on a reduced protocol (fewer calibration and evaluation windows
+than the grid, to fit a 2-core CPU; each study says which). Each run is a run_opt.py call with a
+JSON record and a log in benchmarks/studies/STUDY/; a run whose record exists is skipped, and a
+killed run resumes from its checkpoint, as in grid.py.
+
+    python benchmarks/studies.py max-correlate --model DIR --train-file TRAIN --test-file TEST
+    python benchmarks/studies.py damp-g ...      # lambda_G for rows and columns
+    python benchmarks/studies.py lora ...        # interleaved low-rank updates, with and without
+    python benchmarks/studies.py STUDY --table-only
+
+max-correlate: one 10% unstructured shot of LLM Surgeon (the first shot of the paper's 5-shot
+schedule to 50%) with 1 weight row a chunk against the paper's 2000 weights a chunk.
+damp-g: 20% rows and columns at 5% a shot (4 shots) and at the paper's 1.25% a shot (16 shots),
+lambda_G in {0.01, 0.1, 1}, evaluated after every shot.
+lora: 30% rows and columns (6 shots) with and without 3 low-rank steps a shot (the authors' 3
+sequences a shot).
+"""
+import argparse
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from grid import common_args, load_records, run_entries  # noqa: E402
+
+SURGEON = ["--method", "surgeon"]
+STUDIES = {
+    "max-correlate": {
+        "protocol": {"nsamples": 8, "eval_windows": 32},
+        "runs": {f"mc-{k}": SURGEON + ["--structure", "unstructured", "--sparsity", "0.1",
+                                       "--shots", "1", "--max-correlate", str(k)]
+                 for k in (1, 2000)},
+    },
+    "damp-g": {
+        "protocol": {"nsamples": 8, "eval_windows": 16},
+        "runs": {f"shots-{shots}-damp-g-{g}": SURGEON + [
+            "--structure", "rowcol", "--sparsity", "0.2", "--shots", str(shots), "--damp-g", g,
+            "--eval-every-shot"] for shots in (4, 16) for g in ("0.01", "0.1", "1")},
+    },
+    "lora": {
+        "protocol": {"nsamples": 8, "eval_windows": 32},
+        "runs": {f"rowcol-30-lora-{steps}": SURGEON + [
+            "--structure", "rowcol", "--sparsity", "0.3", "--shots", "6", "--damp-g", "0.1",
+            "--lora-steps", str(steps)] for steps in (0, 3)},
+    },
+}
+
+
+def table(study, folder):
+    """One line per run: settings that differ, perplexity after each evaluated shot, seconds."""
+    lines = [f"# Study: {study}", "", "| run | perplexity | sparsity | prune s | peak MB | "
+             "per shot (target: perplexity) |", "|---|---|---|---|---|---|"]
+    for name, r in sorted(load_records(folder).items()):
+        shots = ", ".join(f"{s['target']:.4g}: {s['ppl']:.2f}" for s in r["shots"] if "ppl" in s)
+        lines.append(f"| {name} | {r['ppl_pruned']:.2f} | {r['sparsity']:.1%} | "
+                     f"{r['seconds'].get('prune', 0):.0f} | "
+                     f"{max(r['peak_memory_mb'].values()):.0f} | {shots} |")
+    with open(folder.rstrip("/") + ".md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("study", choices=list(STUDIES))
+    p.add_argument("--model")
+    p.add_argument("--train-file")
+    p.add_argument("--test-file")
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--only", nargs="*", help="run only these runs of the study")
+    p.add_argument("--table-only", action="store_true")
+    args = p.parse_args()
+    study = STUDIES[args.study]
+    folder = os.path.join(HERE, "studies", args.study)
+    if not args.table_only:
+        for key, value in study["protocol"].items():
+            setattr(args, key, value)
+        run_entries(study["runs"], folder, common_args(args), args.only)
+    table(args.study, folder)
+
+
+if __name__ == "__main__":
+    main()
