@@ -9,15 +9,14 @@ FOLDER.md is written from all records there.
     python benchmarks/grid.py --table-only                                      # only the table
 
 Defaults are the CPU protocol of this project: 32 calibration windows of 512 tokens, seed 0,
-the first 64 evaluation windows. LLM Surgeon at 20% rows and columns is a 4-shot run of its own
-(5% a shot, the same schedule as the first 4 of the 6 shots at 30%); K-OBD and L-OBD have no
-update: K-OBD takes 3 shots of 10% at 30% and evaluates every shot, shot 2 giving the 20% cell;
-L-OBD, last in line, takes one shot at 20% and one at 30% (two runs, less time than evaluating
-3 shots).
+the first 64 evaluation windows. LLM Surgeon at rows and columns takes 6 shots of 5% to 30% and
+evaluates every shot, shot 4 giving the 20% cell; K-OBD and L-OBD have no update: K-OBD takes 3
+shots of 10% at 30% and evaluates every shot, shot 2 giving the 20% cell; L-OBD, last in line,
+takes one shot at 20% and one at 30% (two runs, less time than evaluating 3 shots).
 Rows and columns use damp_g 0.1: the default 0.01 let the global threshold strip q/k projections
 first and lost badly on SmolLM2 (see README). LLM Surgeon's element runs use max_correlate 1
-(one exact Cholesky solve per row; chunks of 2000 weights would cost about 20x the Cholesky
-work) and 3 shots at 50% unstructured, 2 at 2:4, to keep a run near 30-45 minutes on 2 CPU cores.
+(one exact Cholesky solve per row; chunks of 2000 weights cost about 20x the Cholesky work, see
+benchmarks/studies.py) and the paper's 5 shots.
 """
 import argparse
 import glob
@@ -35,9 +34,7 @@ ROOT = os.path.dirname(HERE)
 GRID = {
     "dense": ["--sparsity", "0"],
     "surgeon-rowcol-30": ["--method", "surgeon", "--structure", "rowcol", "--sparsity", "0.3",
-                          "--shots", "6", "--damp-g", "0.1", "--compact"],
-    "surgeon-rowcol-20": ["--method", "surgeon", "--structure", "rowcol", "--sparsity", "0.2",
-                          "--shots", "4", "--damp-g", "0.1"],
+                          "--shots", "6", "--damp-g", "0.1", "--compact", "--eval-every-shot"],
     "surgeon-unstructured-50": ["--method", "surgeon", "--structure", "unstructured",
                                 "--sparsity", "0.5", "--shots", "5", "--max-correlate", "1"],
     "surgeon-2:4": ["--method", "surgeon", "--structure", "2:4", "--sparsity", "0.5", "--shots",
