@@ -110,10 +110,13 @@ def set_matrix(layer: nn.Linear, W: torch.Tensor):
 
 
 def next_token_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    """Sum over sequences of each sequence's mean next-token cross-entropy."""
+    """Sum over sequences of each sequence's mean next-token cross-entropy. The last position has
+    no label and is ignored, not sliced off: no copy of the (B, L, vocab) logits."""
     out = model(ids)
     logits = out.logits if hasattr(out, "logits") else out                 # (B, L, vocab)
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten()) * len(ids)
+    labels = F.pad(ids[:, 1:], (0, 1), value=-100)                         # (B, L)
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100) \
+        * len(ids)
 
 
 GRAM_BLOCKS = 4             # a symmetric sum is accumulated as 10 of its 4 x 4 blocks
@@ -277,6 +280,9 @@ def damped_inverse(X: torch.Tensor, damp: float, dead: torch.Tensor, name: str =
         raise ValueError(f"curvature of {name} is not positive definite; increase the damping "
                          f"(--damp-a / --damp-g)")
     X_inv_live = torch.cholesky_inverse(L)
+    if not X_inv_live.is_contiguous():      # LAPACK writes it column-major; it is symmetric, so
+        X_inv_live = X_inv_live.mT          # its transpose is the same matrix, row by row (the
+                                            # updates gather its rows: 3.5x faster)
     del L
     if everything:                                          # no copies into zero-padded ones
         return X_live, X_inv_live
