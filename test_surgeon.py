@@ -361,7 +361,9 @@ def explicit_factors(model, batches):
 
     def keep(name):
         def hook(mod, inp, out):
-            out.retain_grad() if out.requires_grad else out.requires_grad_()
+            if not out.requires_grad:                  # frozen parameters: start the graph here
+                out.requires_grad_()
+            out.retain_grad()
             seen[name] = (inp[0], out)
         return hook
 
