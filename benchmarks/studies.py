@@ -24,22 +24,23 @@ sys.path.insert(0, HERE)
 from grid import common_args, load_records, run_entries  # noqa: E402
 
 SURGEON = ["--method", "surgeon"]
+DENSE = {"dense": ["--sparsity", "0"]}                     # the same evaluation windows, unpruned
 STUDIES = {
     "max-correlate": {
         "protocol": {"nsamples": 8, "eval_windows": 32},
-        "runs": {f"mc-{k}": SURGEON + ["--structure", "unstructured", "--sparsity", "0.1",
+        "runs": DENSE | {f"mc-{k}": SURGEON + ["--structure", "unstructured", "--sparsity", "0.1",
                                        "--shots", "1", "--max-correlate", str(k)]
                  for k in (1, 2000)},
     },
     "damp-g": {
         "protocol": {"nsamples": 8, "eval_windows": 16},
-        "runs": {f"shots-{shots}-damp-g-{g}": SURGEON + [
+        "runs": DENSE | {f"shots-{shots}-damp-g-{g}": SURGEON + [
             "--structure", "rowcol", "--sparsity", "0.2", "--shots", str(shots), "--damp-g", g,
             "--eval-every-shot"] for shots in (4, 16) for g in ("0.01", "0.1", "1")},
     },
     "lora": {
         "protocol": {"nsamples": 8, "eval_windows": 32},
-        "runs": {f"rowcol-30-lora-{steps}": SURGEON + [
+        "runs": DENSE | {f"rowcol-30-lora-{steps}": SURGEON + [
             "--structure", "rowcol", "--sparsity", "0.3", "--shots", "6", "--damp-g", "0.1",
             "--lora-steps", str(steps)] for steps in (0, 3)},
     },
