@@ -47,7 +47,8 @@ class Settings:
     shots: int | None = None          # None: 40 for rowcol, 5 for unstructured and 2:4 (paper)
     damp_a: float = 0.01              # lambda_A, relative to the mean live diagonal of A
     damp_g: float | None = None       # lambda_G; None: 0.01 for rowcol, 0.1 otherwise (paper)
-    max_correlate: int = 2000         # most removed weights solved together in one element update
+    max_correlate: int = 1            # most removed weights solved together in an element update:
+                                      # 1 is a row at a time (authors: 2000; as good, 9x slower)
     curvature_device: str | None = None   # where A and G live; None: the model's device
     lora_steps: int = 0               # interleaved low-rank steps after each shot (0: off)
     lora_rank: int = 8

@@ -48,13 +48,17 @@ STUDIES = {
 
 
 def table(study, folder):
-    """One line per run: settings that differ, perplexity after each evaluated shot, seconds."""
-    lines = [f"# Study: {study}", "", "| run | perplexity | sparsity | prune s | peak MB | "
-             "per shot (target: perplexity) |", "|---|---|---|---|---|---|"]
+    """One line per run: perplexity after each evaluated shot, seconds of each stage, peak."""
+    lines = [f"# Study: {study}", "", "| run | perplexity | sparsity | seconds of pruning | "
+             "peak MB | per shot (target: perplexity) |", "|---|---|---|---|---|---|"]
     for name, r in sorted(load_records(folder).items()):
+        split = {}
+        for shot in r["shots"]:
+            for k, v in shot["seconds"].items():
+                split[k] = split.get(k, 0) + v
+        seconds = ", ".join(f"{k} {v:.0f}" for k, v in split.items() if k != "checkpoint")
         shots = ", ".join(f"{s['target']:.4g}: {s['ppl']:.2f}" for s in r["shots"] if "ppl" in s)
-        lines.append(f"| {name} | {r['ppl_pruned']:.2f} | {r['sparsity']:.1%} | "
-                     f"{r['seconds'].get('prune', 0):.0f} | "
+        lines.append(f"| {name} | {r['ppl_pruned']:.2f} | {r['sparsity']:.1%} | {seconds} | "
                      f"{max(r['peak_memory_mb'].values()):.0f} | {shots} |")
     with open(folder.rstrip("/") + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
