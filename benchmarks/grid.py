@@ -15,7 +15,7 @@ shots of 10% at 30% and evaluates every shot, shot 2 giving the 20% cell; L-OBD,
 takes one shot at 20% and one at 30% (two runs, less time than evaluating 3 shots).
 Rows and columns use damp_g 0.1: the default 0.01 let the global threshold strip q/k projections
 first and lost badly on SmolLM2 (see README). LLM Surgeon's element runs use max_correlate 1
-(one exact Cholesky solve per row; chunks of 2000 weights cost about 20x the Cholesky work, see
+(the default, a row at a time: the authors' 2000 measured no better at 9x the update time, see
 benchmarks/studies.py) and the paper's 5 shots.
 """
 import argparse
