@@ -244,6 +244,15 @@ def test_damped_inverse_and_dead_coordinates():
     assert (A_inv[1] == 0).all() and (A_inv[:, 1] == 0).all() and (A_hat[1] == 0).all()
 
 
+def test_damped_inverse_is_row_major():
+    """The element update gathers rows of A_inv; LAPACK returns an inverse column-major, where
+    those gathers are strided (3.5x slower a row on SmolLM2's shapes)."""
+    _, A, _, _, _ = tiny_layer()
+    for dead in (torch.zeros(6, dtype=torch.bool), torch.arange(6) == 2):
+        A_hat, A_inv = surgeon.damped_inverse(A, 0.1, dead)
+        assert A_hat.is_contiguous() and A_inv.is_contiguous()
+
+
 def test_dead_rows_and_columns_cost_nothing_and_stay_out_of_updates():
     W, A, G, _, _ = tiny_layer(m=4, n=5, seed=7)
     W[:, 2] = 0                                                # a removed column
@@ -391,6 +400,13 @@ def explicit_factors(model, batches):
     for p in model.parameters():
         p.requires_grad_(True)
     return {n: (A / T, G / T) for n, (A, G) in sums.items()}
+
+
+def test_next_token_loss_is_each_sequences_mean_over_its_labelled_tokens():
+    model, ids = tiny_llama(), calib()[0]                           # (2, 12)
+    logp = model(ids).logits.log_softmax(-1)
+    nll = -logp[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]        # (2, 11): the last has no label
+    assert torch.allclose(surgeon.next_token_loss(model, ids), nll.mean(1).sum())
 
 
 @pytest.mark.parametrize("make", [tiny_opt, tiny_llama])
