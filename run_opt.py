@@ -604,7 +604,9 @@ def main(argv=None):
         with stage(record, "prune", device):
             report = prune_stage(args, settings, model, calib, test, device)
         with stage(record, "eval_pruned", device):
-            record["ppl_pruned"] = perplexity(model, test, device, "eval pruned")
+            last = report["shots"][-1] if report["shots"] else {}
+            record["ppl_pruned"] = last["ppl"] if "ppl" in last else \
+                perplexity(model, test, device, "eval pruned")     # evaluated after its last shot
         record.update(sparsity=report["sparsity"], layers=report["layers"], shots=report["shots"])
         print_pruned(record, layers)
     shapes = None

@@ -87,6 +87,7 @@ def test_end_to_end(files, tmp_path, capsys, model, structure, sparsity):
         assert key in on_disk, key
     assert on_disk["settings"]["structure"] == structure
     assert all(math_ok(s["ppl"]) for s in on_disk["shots"]) and len(on_disk["shots"]) == 2
+    assert record["ppl_pruned"] == on_disk["shots"][-1]["ppl"]     # evaluated once, not twice
     assert set(on_disk["seconds"]) >= {"load", "data", "eval_dense", "prune", "eval_pruned", "save"}
     layers = surgeon.prunable_layers(run_opt.load(str(files / model), "cpu")[0])
     widest = max(max(l.weight.shape) for l in layers.values())
