@@ -117,6 +117,11 @@ def load_records(folder):
     return records
 
 
+def shot_seconds(shots):
+    """Seconds of pruning in these shots: curvature, costs, updates (no evaluation, checkpoint)."""
+    return sum(v for shot in shots for k, v in shot["seconds"].items() if k != "checkpoint")
+
+
 def cell(records, method, column):
     """(perplexity, achieved sparsity, seconds of pruning) or None."""
     if column == "rowcol-20":          # a run of its own, or the shot of the 30% run that hit 20%
@@ -124,11 +129,10 @@ def cell(records, method, column):
         shots = [] if r else (records.get(f"{method}-rowcol-30") or {"shots": []})["shots"]
         for t, s in enumerate(shots):
             if "ppl" in s and abs(s["target"] - 0.2) < 1e-3:
-                return s["ppl"], s["sparsity"], sum(sum(x["seconds"].values())
-                                                    for x in shots[:t + 1])
+                return s["ppl"], s["sparsity"], shot_seconds(shots[:t + 1])
     else:
         r = records.get(f"{method}-{column.replace(':', '')}")
-    return (r["ppl_pruned"], r["sparsity"], r["seconds"].get("prune", 0)) if r else None
+    return (r["ppl_pruned"], r["sparsity"], shot_seconds(r["shots"])) if r else None
 
 
 def allocation(layers):
@@ -171,8 +175,8 @@ def write_table(folder):
             c = cell(records, method, column)
             cells.append(f"{c[0]:.2f} ({c[1]:.1%}, {c[2]:.0f} s)" if c else "not run")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    lines += ["", "Settings of each run (shots, max_correlate) are in its JSON record; "
-              "per-shot seconds split into curvature, inverses and costs, and updates.", ""]
+    lines += ["", "Seconds of pruning: curvature, costs and updates of every shot (evaluations "
+              "and checkpoints not counted). Settings of each run are in its JSON record.", ""]
     for name in GRID:
         r = records.get(name.replace(":", ""))
         if r and r.get("shots"):
