@@ -78,9 +78,8 @@ def common_args(args):
 
 def run_entries(entries, results, common, only=None):
     """Run each entry (name: run_opt.py arguments) whose JSON record is not in `results` yet;
-    a killed run resumes from its checkpoint. Returns the names that failed."""
+    a killed run resumes from its checkpoint."""
     os.makedirs(results, exist_ok=True)
-    failed = []
     for name, extra in entries.items():
         if only and name not in only:
             continue
@@ -96,17 +95,14 @@ def run_entries(entries, results, common, only=None):
             done = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT)
         if done.returncode:
             print(f"   failed, see {out[:-5]}.log", flush=True)
-            failed.append(name)
         else:
             shutil.rmtree(checkpoint, ignore_errors=True)
-    return failed
 
 
 def run(args):
-    for name in GRID:
-        if not args.only or name in args.only:
-            run_entries({name: GRID[name]}, args.results, common_args(args))
-            write_table(args.results)
+    for name in GRID:                                   # the table is rewritten after each run
+        run_entries({name: GRID[name]}, args.results, common_args(args), args.only)
+        write_table(args.results)
 
 
 def load_records(folder):
@@ -115,6 +111,15 @@ def load_records(folder):
         with open(path) as f:
             records[os.path.basename(path)[:-5]] = json.load(f)
     return records
+
+
+def stage_seconds(shots):
+    """{stage: seconds summed over these shots}."""
+    split = {}
+    for shot in shots:
+        for k, v in shot["seconds"].items():
+            split[k] = split.get(k, 0) + v
+    return split
 
 
 def shot_seconds(shots):
@@ -180,10 +185,7 @@ def write_table(folder):
     for name in GRID:
         r = records.get(name.replace(":", ""))
         if r and r.get("shots"):
-            split = {}
-            for shot in r["shots"]:
-                for k, v in shot["seconds"].items():
-                    split[k] = split.get(k, 0) + v
+            split = stage_seconds(r["shots"])
             lines.append(f"- {name}: {r['settings']['shots']} shots, max_correlate "
                          f"{r['settings']['max_correlate']}; seconds " +
                          ", ".join(f"{k} {v:.0f}" for k, v in split.items()) +

@@ -21,7 +21,7 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from grid import common_args, load_records, run_entries  # noqa: E402
+from grid import common_args, load_records, run_entries, stage_seconds  # noqa: E402
 
 SURGEON = ["--method", "surgeon"]
 DENSE = {"dense": ["--sparsity", "0"]}                     # the same evaluation windows, unpruned
@@ -52,11 +52,8 @@ def table(study, folder):
     lines = [f"# Study: {study}", "", "| run | perplexity | sparsity | seconds of pruning | "
              "peak MB | per shot (target: perplexity) |", "|---|---|---|---|---|---|"]
     for name, r in sorted(load_records(folder).items()):
-        split = {}
-        for shot in r["shots"]:
-            for k, v in shot["seconds"].items():
-                split[k] = split.get(k, 0) + v
-        seconds = ", ".join(f"{k} {v:.0f}" for k, v in split.items() if k != "checkpoint")
+        seconds = ", ".join(f"{k} {v:.0f}" for k, v in stage_seconds(r["shots"]).items()
+                            if k != "checkpoint")
         shots = ", ".join(f"{s['target']:.4g}: {s['ppl']:.2f}" for s in r["shots"] if "ppl" in s)
         lines.append(f"| {name} | {r['ppl_pruned']:.2f} | {r['sparsity']:.1%} | {seconds} | "
                      f"{max(r['peak_memory_mb'].values()):.0f} | {shots} |")
