@@ -10,6 +10,7 @@ test split before and after, as SparseGPT and the paper do. --model also takes a
 import argparse
 import atexit
 import ctypes
+import functools
 import gc
 from contextlib import contextmanager
 import json
@@ -208,6 +209,7 @@ def load_compact(folder):
     return model
 
 
+@functools.lru_cache(maxsize=2)             # read once: checked before loading, used after
 def read_text(path):
     try:
         with open(path, encoding="utf-8") as f:
