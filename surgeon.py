@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 STRUCTURES = ("unstructured", "2:4", "rowcol")
 METHODS = ("surgeon", "kobd", "lobd", "magnitude")
@@ -587,17 +588,19 @@ def low_rank_phase(model: nn.Module, layers: dict[str, nn.Linear], batches, s: S
         W = get_matrix(layer)                                                   # (m, k)
         A = (torch.randn(W.shape[1], s.lora_rank, generator=gen) / W.shape[1]**0.5).to(W.device)
         B = torch.zeros(len(W), s.lora_rank, device=W.device)
-        adapters[name] = (B.requires_grad_(), A.requires_grad_(), (W != 0).float())
+        adapters[name] = (B.requires_grad_(), A.requires_grad_(), W != 0)         # M: bool
 
-    def delta(name):                                                            # (B A^T) * M
-        B, A, M = adapters[name]
-        return (B @ A.T) * M
+    def delta(B, A, M):                                                         # (B A^T) * M
+        return torch.where(M, B @ A.T, 0.0)
 
-    def hook(name):
+    def adapter_output(x, B, A, M, n_in, bias):                                 # x dW^T
+        dW = delta(B, A, M)
+        return F.linear(x, dW[:, :n_in], dW[:, -1] if bias else None)
+
+    def hook(name):            # dW is recomputed in the backward pass, not kept: a model's size
         def add(layer, inputs, y):
-            dW = delta(name)
-            bias = dW[:, -1] if layer.bias is not None else None
-            return y + F.linear(inputs[0], dW[:, :layer.in_features], bias)
+            return y + checkpoint(adapter_output, inputs[0], *adapters[name],
+                                  layer.in_features, layer.bias is not None, use_reentrant=False)
         return add
 
     opt = torch.optim.Adam([t for B, A, _ in adapters.values() for t in (B, A)], lr=s.lora_lr)
@@ -611,7 +614,7 @@ def low_rank_phase(model: nn.Module, layers: dict[str, nn.Linear], batches, s: S
             opt.step()
     with torch.no_grad():
         for name, layer in layers.items():
-            set_matrix(layer, get_matrix(layer) + delta(name).double())
+            set_matrix(layer, get_matrix(layer) + delta(*adapters[name]).double())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -661,6 +664,7 @@ def shot(model, layers, batches, target, s: Settings, progress, t: int = 1):
     with timed(seconds, "updates"):                                        # Sec. 3.3, Eq. 6
         for (name, layer), chosen in zip(progress(list(layers.items()), "updates"), taken):
             set_matrix(layer, apply(model_of(name, layer), chosen, s))
+    del factors                              # not needed by the low-rank phase: free them first
     if s.lora_steps:                                                       # Sec. 3.5
         with timed(seconds, "lora"):
             low_rank_phase(model, layers, batches, s, seed=t)
