@@ -77,7 +77,8 @@ def parse_args(argv=None):
     p.add_argument("--eval-windows", type=positive, help="evaluate only the first N windows")
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     p.add_argument("--damp-a", type=float, default=0.01, help="damping of A, relative")
-    p.add_argument("--damp-g", type=float, help="damping of G, relative (default 0.01 rowcol, 0.1 otherwise)")
+    p.add_argument("--damp-g", type=float, default=0.1,
+                   help="damping of G, relative (the paper: 0.01 for rowcol; see README)")
     p.add_argument("--max-correlate", type=positive, default=1,
                    help="most removed weights solved together in an element update (1: one row "
                         "at a time; the authors' 2000 measured no better and 9x slower, README)")
@@ -552,8 +553,7 @@ def save_stage(args, model, tokenizer, shapes, record):
 def new_record(args, settings, device):
     import transformers
     transformers.utils.logging.disable_progress_bar()
-    return {"settings": {**vars(args), "shots": settings.shots, "damp_g": settings.damp_g,
-                         "device": str(device)},
+    return {"settings": {**vars(args), "shots": settings.shots, "device": str(device)},
             "versions": {"python": platform.python_version(), "torch": torch.__version__,
                          "transformers": transformers.__version__},
             "seconds": {}, "peak_memory_mb": {}}
