@@ -78,7 +78,8 @@ def parse_args(argv=None):
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     p.add_argument("--damp-a", type=float, default=0.01, help="damping of A, relative")
     p.add_argument("--damp-g", type=float, default=0.1,
-                   help="damping of G, relative (the paper: 0.01 for rowcol; see README)")
+                   help="damping of G, relative (default 0.1; README measures the paper's "
+                        "0.01 for rowcol)")
     p.add_argument("--max-correlate", type=positive, default=1,
                    help="most removed weights solved together in an element update (1: one row "
                         "at a time; the authors' 2000 measured no better and 9x slower, README)")

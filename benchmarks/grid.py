@@ -14,9 +14,9 @@ evaluates every shot, shot 4 giving the 20% cell; K-OBD and L-OBD have no update
 shots of 10% at 30% and evaluates every shot, shot 2 giving the 20% cell; L-OBD, last in line,
 takes one shot at 20% and one at 30% (two runs, less time than evaluating 3 shots).
 Rows and columns use damp_g 0.1, the default (the paper's 0.01 collapses at 5% a shot and is no
-better at its 1.25%: benchmarks/studies.py damp-g, README). LLM Surgeon's element runs use max_correlate 1
-(the default, a row at a time: the authors' 2000 measured no better at 9x the update time, see
-benchmarks/studies.py) and the paper's 5 shots.
+better at its 1.25%: benchmarks/studies.py damp-g, README). LLM Surgeon's element runs use
+max_correlate 1 (the default, a row at a time: the authors' 2000 measured no better at 9x the
+update time, see benchmarks/studies.py) and the paper's 5 shots.
 """
 import argparse
 import glob
