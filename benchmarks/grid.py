@@ -123,8 +123,9 @@ def stage_seconds(shots):
 
 
 def shot_seconds(shots):
-    """Seconds of pruning in these shots: curvature, costs, updates (no evaluation, checkpoint)."""
-    return sum(v for shot in shots for k, v in shot["seconds"].items() if k != "checkpoint")
+    """Seconds of pruning in these shots: every stage but the checkpoints (evaluations are not
+    shot stages)."""
+    return sum(v for k, v in stage_seconds(shots).items() if k != "checkpoint")
 
 
 def cell(records, method, column):
