@@ -12,8 +12,8 @@ max-correlate: one 10% unstructured shot of LLM Surgeon (the first shot of the p
 schedule to 50%) with 1 weight row a chunk against the paper's 2000 weights a chunk.
 damp-g: 20% rows and columns at 5% a shot (4 shots) and at the paper's 1.25% a shot (16 shots),
 lambda_G in {0.01, 0.1, 1}, evaluated after every shot.
-lora: 30% rows and columns (6 shots) and 50% unstructured (2 shots: the paper's 5 take this CPU
-about an hour a run) with and without 3 low-rank steps a shot (the authors' 3 sequences a shot).
+lora: 30% rows and columns (6 shots) and 50% unstructured (2 shots, and the paper's 5, about an
+hour a run on this CPU) with and without 3 low-rank steps a shot (the authors' 3 sequences a shot).
 """
 import argparse
 import os
@@ -45,6 +45,9 @@ STUDIES = {
             "--lora-steps", str(steps)] for steps in (0, 3)} | {
             f"unstructured-50-lora-{steps}": SURGEON + [
             "--structure", "unstructured", "--sparsity", "0.5", "--shots", "2",
+            "--lora-steps", str(steps)] for steps in (0, 3)} | {
+            f"unstructured-50-shots-5-lora-{steps}": SURGEON + [
+            "--structure", "unstructured", "--sparsity", "0.5", "--shots", "5",
             "--lora-steps", str(steps)] for steps in (0, 3)},
     },
 }
