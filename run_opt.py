@@ -57,6 +57,9 @@ def positive(text):
     return value
 
 
+DEFAULT = surgeon.Settings()          # the method's defaults are Settings'; the flags read them
+
+
 def parse_args(argv=None):
     p = Parser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="facebook/opt-125m", help="hub id or local folder")
@@ -76,11 +79,11 @@ def parse_args(argv=None):
     p.add_argument("--test-file", help="local text for evaluation instead of WikiText-2 test")
     p.add_argument("--eval-windows", type=positive, help="evaluate only the first N windows")
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--damp-a", type=float, default=0.01, help="damping of A, relative")
-    p.add_argument("--damp-g", type=float, default=0.1,
-                   help="damping of G, relative (default 0.1; README measures the paper's "
-                        "0.01 for rowcol)")
-    p.add_argument("--max-correlate", type=positive, default=1,
+    p.add_argument("--damp-a", type=float, default=DEFAULT.damp_a, help="damping of A, relative")
+    p.add_argument("--damp-g", type=float, default=DEFAULT.damp_g,
+                   help="damping of G, relative (default %(default)s; README measures the "
+                        "paper's 0.01 for rowcol)")
+    p.add_argument("--max-correlate", type=positive, default=DEFAULT.max_correlate,
                    help="most removed weights solved together in an element update (1: one row "
                         "at a time; the authors' 2000 measured no better and 9x slower, README)")
     p.add_argument("--device-map", metavar="auto|FILE.json",
@@ -94,10 +97,11 @@ def parse_args(argv=None):
                    help="do not evaluate the dense model (a grid that measured it once)")
     p.add_argument("--compact", action="store_true",
                    help="after rowcol pruning, cut dead units and heads out; measure the speed-up")
-    p.add_argument("--lora-steps", type=int, default=0,
+    p.add_argument("--lora-steps", type=int, default=DEFAULT.lora_steps,
                    help="interleaved low-rank update steps after each shot (0: off)")
-    p.add_argument("--lora-rank", type=positive, default=8, help="rank of the low-rank update")
-    p.add_argument("--lora-lr", type=float, default=1e-4, help="Adam learning rate of it")
+    p.add_argument("--lora-rank", type=positive, default=DEFAULT.lora_rank,
+                   help="rank of the low-rank update")
+    p.add_argument("--lora-lr", type=float, default=DEFAULT.lora_lr, help="Adam learning rate of it")
     p.add_argument("--checkpoint", metavar="DIR",
                    help="write the pruned weights and the run's state here after every shot")
     p.add_argument("--resume", action="store_true",
