@@ -21,6 +21,7 @@ import random
 import re
 import resource
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -83,6 +84,10 @@ def parse_args(argv=None):
     p.add_argument("--damp-g", type=float, default=DEFAULT.damp_g,
                    help="damping of G, relative (default %(default)s; README measures the "
                         "paper's 0.01 for rowcol)")
+    p.add_argument("--damp-costs", action=argparse.BooleanOptionalAction,
+                   default=DEFAULT.damp_costs,
+                   help="rowcol: damped A and G in the costs' quadratic forms too (--no-damp-costs: "
+                        "undamped, as the authors' code)")
     p.add_argument("--max-correlate", type=positive, default=DEFAULT.max_correlate,
                    help="most removed weights solved together in an element update (1: one row "
                         "at a time; the authors' 2000 measured no better and 9x slower, README)")
@@ -325,7 +330,7 @@ def sparsity_table(layers: dict[str, float]) -> str:
 SAVED = "run_opt.json"              # marks a --save folder as this program's output
 CHECKPOINT = "checkpoint.pt"
 RESULT_SETTINGS = ("model", "sparsity", "structure", "method", "shots", "nsamples", "seqlen",
-                   "seed", "train_file", "damp_a", "damp_g", "max_correlate", "lora_steps",
+                   "seed", "train_file", "damp_a", "damp_g", "damp_costs", "max_correlate", "lora_steps",
                    "lora_rank", "lora_lr")          # what a resumed run must share
 
 
@@ -372,7 +377,8 @@ def validate(args):
     """The device and settings, after checking everything that needs no model."""
     settings = surgeon.Settings(
         sparsity=args.sparsity, structure=args.structure, method=args.method, shots=args.shots,
-        damp_a=args.damp_a, damp_g=args.damp_g, max_correlate=args.max_correlate,
+        damp_a=args.damp_a, damp_g=args.damp_g, damp_costs=args.damp_costs,
+        max_correlate=args.max_correlate,
         curvature_device=args.curvature_device, lora_steps=args.lora_steps,
         lora_rank=args.lora_rank, lora_lr=args.lora_lr)
     try:
@@ -555,12 +561,30 @@ def save_stage(args, model, tokenizer, shapes, record):
     print(f"saved to {args.save}")
 
 
+def provenance():
+    """Which code ran, where and when: the git commit (and whether the tree had uncommitted
+    changes), torch's thread count, the CPU count, the load average at the start (another job on
+    the cores shows there) and the start time."""
+    def git(*cmd):
+        try:
+            return subprocess.run(["git", *cmd], cwd=os.path.dirname(os.path.abspath(__file__)),
+                                  capture_output=True, text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+    return {"commit": git("rev-parse", "HEAD") or None,
+            "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+            "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+            "load_average": [round(x, 2) for x in os.getloadavg()],
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
 def new_record(args, settings, device):
     import transformers
     transformers.utils.logging.disable_progress_bar()
     return {"settings": {**vars(args), "shots": settings.shots, "device": str(device)},
             "versions": {"python": platform.python_version(), "torch": torch.__version__,
                          "transformers": transformers.__version__},
+            "provenance": provenance(),
             "seconds": {}, "peak_memory_mb": {}}
 
 

@@ -49,6 +49,8 @@ class Settings:
     damp_a: float = 0.01              # lambda_A, relative to the mean live diagonal of A
     damp_g: float = 0.1               # lambda_G (paper: 0.01 for rowcol; it collapses at 5% a
                                       # shot and is no better at 1.25%, see README)
+    damp_costs: bool = True           # rows and columns: damped A_hat, G_hat also in the costs'
+                                      # w^T A w, w^T G w (False: undamped, as the authors' code)
     max_correlate: int = 1            # most removed weights solved together in an element update:
                                       # 1 is a row at a time (authors: 2000; as good, 9x slower)
     curvature_device: str | None = None   # where A and G live; None: the model's device
@@ -262,6 +264,7 @@ def assemble_factors(rec: Recorder, layers):
 #    F. For every method a single weight, a row and a column then cost
 #        element (i, j): 1/2 g_i a_j W_ij^2      row r: 1/2 g_r w_r^T A w_r      column c: 1/2 a_c w_c^T G w_c
 #    with  surgeon: A = A_hat, G = G_hat, a = 1 / diag(A_inv), g = 1 / diag(G_inv)
+#                   (damp_costs=False: A, G undamped in the row and column forms, as the authors)
 #          K-OBD:   A, G undamped,           a = diag(A),       g = diag(G)
 #          L-OBD:   A undamped, G = I,       a = diag(A),       g = 1
 #          magnitude: A = I, G = I,          a = 1,             g = 1        (None means I).
@@ -323,9 +326,11 @@ def quadratic(layer: nn.Linear, A, G, s: Settings, name="layer") -> Quadratic:
     dead_cols[:n_in] |= (W[:, :n_in] == 0).all(0)          # the bias column never dies of zeros
     A_inv = G_inv = None
     if s.method == "surgeon":
-        A, A_inv = damped_inverse(A, s.damp_a, dead_cols, name)
-        G, G_inv = damped_inverse(G, s.damp_g, dead_rows, name)
+        A_hat, A_inv = damped_inverse(A, s.damp_a, dead_cols, name)
+        G_hat, G_inv = damped_inverse(G, s.damp_g, dead_rows, name)
         a, g = 1 / A_inv.diagonal(), 1 / G_inv.diagonal()  # 1 / (F^-1)_qq per factor
+        A, G = (A_hat, G_hat) if s.damp_costs else (A.double(), G.double())   # rowcol costs
+        del A_hat, G_hat
     else:                                                 # OBD: the undamped factors
         A, G = (X.double() if X is not None else None for X in (A, G))
         a = A.diagonal().clone() if A is not None else torch.ones(k, dtype=W.dtype, device=dev)

@@ -34,6 +34,8 @@ ROOT = os.path.dirname(HERE)
 GRID = {
     "dense": ["--sparsity", "0"],
     "surgeon-rowcol-30": ["--method", "surgeon", "--structure", "rowcol", "--sparsity", "0.3",
+                          "--shots", "24", "--no-damp-costs", "--eval-every-shot"],
+    "surgeon-rowcol-30-shots-6": ["--method", "surgeon", "--structure", "rowcol", "--sparsity", "0.3",
                           "--shots", "6", "--damp-g", "0.1", "--compact", "--eval-every-shot"],
     "surgeon-unstructured-50": ["--method", "surgeon", "--structure", "unstructured",
                                 "--sparsity", "0.5", "--shots", "5", "--max-correlate", "1"],
