@@ -53,6 +53,8 @@ GRID = {
                              "0.5", "--shots", "1"],
     "kobd-2:4": ["--method", "kobd", "--structure", "2:4", "--sparsity", "0.5", "--shots", "1"],
     "kobd-rowcol-30": ["--method", "kobd", "--structure", "rowcol", "--sparsity", "0.3",
+                       "--shots", "24", "--eval-every-shot"],
+    "kobd-rowcol-30-shots-3": ["--method", "kobd", "--structure", "rowcol", "--sparsity", "0.3",
                        "--shots", "3", "--damp-g", "0.1", "--eval-every-shot"],
     "lobd-unstructured-50": ["--method", "lobd", "--structure", "unstructured", "--sparsity",
                              "0.5", "--shots", "1"],
