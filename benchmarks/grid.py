@@ -64,10 +64,14 @@ GRID = {
     "lobd-rowcol-20": ["--method", "lobd", "--structure", "rowcol", "--sparsity", "0.2",
                        "--shots", "1"],
 }
+# name: benchmarks/peers.py arguments (SparseGPT and Wanda, written from their papers).
+PEERS = {f"{method}-{name}": ["--method", method, "--structure", structure, "--sparsity", "0.5"]
+         for method in ("sparsegpt", "wanda")
+         for name, structure in (("unstructured-50", "unstructured"), ("2:4", "2:4"))}
 COLUMNS = [("50% unstructured", "unstructured-50"), ("2:4", "2:4"),
            ("20% rows+cols", "rowcol-20"), ("30% rows+cols", "rowcol-30")]
-METHODS = [("magnitude", "magnitude"), ("L-OBD", "lobd"), ("K-OBD", "kobd"),
-           ("LLM Surgeon", "surgeon")]
+METHODS = [("magnitude", "magnitude"), ("Wanda", "wanda"), ("SparseGPT", "sparsegpt"),
+           ("L-OBD", "lobd"), ("K-OBD", "kobd"), ("LLM Surgeon", "surgeon")]
 
 
 def common_args(args):
@@ -80,9 +84,9 @@ def common_args(args):
     return common
 
 
-def run_entries(entries, results, common, only=None):
-    """Run each entry (name: run_opt.py arguments) whose JSON record is not in `results` yet;
-    a killed run resumes from its checkpoint."""
+def run_entries(entries, results, common, only=None, script="run_opt.py"):
+    """Run each entry (name: arguments of `script`) whose JSON record is not in `results` yet;
+    a killed run_opt.py run resumes from its checkpoint."""
     os.makedirs(results, exist_ok=True)
     for name, extra in entries.items():
         if only and name not in only:
@@ -93,8 +97,8 @@ def run_entries(entries, results, common, only=None):
         print(f"== {name}", flush=True)
         checkpoint = out[:-5] + ".checkpoint"              # a killed run resumes from here
         resume = ["--resume"] if os.path.exists(os.path.join(checkpoint, "checkpoint.pt")) else []
-        cmd = [sys.executable, os.path.join(ROOT, "run_opt.py"), *common, *extra, "--json", out,
-               "--checkpoint", checkpoint, *resume]
+        keep = ["--checkpoint", checkpoint, *resume] if script == "run_opt.py" else []
+        cmd = [sys.executable, os.path.join(ROOT, script), *common, *extra, "--json", out, *keep]
         with open(out[:-5] + ".log", "a" if resume else "w") as log:
             done = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT)
         if done.returncode:
@@ -107,6 +111,8 @@ def run(args):
     for name in GRID:                                   # the table is rewritten after each run
         run_entries({name: GRID[name]}, args.results, common_args(args), args.only)
         write_table(args.results)
+    run_entries(PEERS, args.results, common_args(args), args.only, "benchmarks/peers.py")
+    write_table(args.results)
 
 
 def load_records(folder):
@@ -183,16 +189,19 @@ def write_table(folder):
         cells = []
         for _, column in COLUMNS:
             c = cell(records, method, column)
-            cells.append(f"{c[0]:.2f} ({c[1]:.1%}, {c[2]:.0f} s)" if c else "not run")
+            peer = method in ("sparsegpt", "wanda") and column.startswith("rowcol")
+            cells.append(f"{c[0]:.2f} ({c[1]:.1%}, {c[2]:.0f} s)" if c else
+                         "removes no rows" if peer else "not run")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += ["", "Seconds of pruning: curvature, costs and updates of every shot (evaluations "
               "and checkpoints not counted). Settings of each run are in its JSON record.", ""]
-    for name in GRID:
+    for name in [*GRID, *PEERS]:
         r = records.get(name.replace(":", ""))
         if r and r.get("shots"):
             split = stage_seconds(r["shots"])
-            lines.append(f"- {name}: {r['settings']['shots']} shots, max_correlate "
-                         f"{r['settings']['max_correlate']}; seconds " +
+            mc = r["settings"].get("max_correlate")
+            lines.append(f"- {name}: {r['settings']['shots']} shots"
+                         + (f", max_correlate {mc}" if mc else "") + "; seconds " +
                          ", ".join(f"{k} {v:.0f}" for k, v in split.items()) +
                          f"; peak memory {max(r['peak_memory_mb'].values()):.0f} MB")
     for label, method in METHODS:
