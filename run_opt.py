@@ -34,35 +34,56 @@ import surgeon
 WIKITEXT = ("Salesforce/wikitext", "wikitext-2-raw-v1")
 
 
+class Failure(Exception):
+    """An input that cannot work; `main` prints it as one `error:` line and exits with 2."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C; `main` prints where the run stood and exits with 130."""
+
+
+def fail(message):
+    raise Failure(message)
+
+
+class Help(argparse.HelpFormatter):
+    """Every flag's help ends with its default, unless the help says it already."""
+    def _get_help_string(self, action):
+        shown = not any(action.default is x for x in (None, False, argparse.SUPPRESS))
+        return action.help + (" (default: %(default)s)" if shown and "default" not in
+                              action.help else "")
+
+
 class Parser(argparse.ArgumentParser):
     def error(self, message):                       # one line, no usage block
         fail(message)
 
 
-def fail(message):
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
+def _number(kind, ok, wanted):
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {wanted}, got {text}") from None
+        if not (math.isfinite(value) and ok(value)):
+            raise argparse.ArgumentTypeError(f"must be {wanted}, got {text}")
+        return value
+    return parse
 
 
-def fraction(text):
-    value = float(text)
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"sparsity must be in [0, 1), got {text}")
-    return value
-
-
-def positive(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
+fraction = _number(float, lambda v: 0 <= v < 1, "in [0, 1)")
+positive = _number(int, lambda v: v >= 1, "a positive integer")
+count = _number(int, lambda v: v >= 0, "an integer >= 0")
+nonnegative = _number(float, lambda v: v >= 0, "a finite number >= 0")
+positive_float = _number(float, lambda v: v > 0, "a finite number > 0")
 
 
 DEFAULT = surgeon.Settings()          # the method's defaults are Settings'; the flags read them
 
 
 def parse_args(argv=None):
-    p = Parser(description=__doc__.split("\n")[0])
+    p = Parser(description=__doc__.split("\n")[0],
+               formatter_class=Help)
     p.add_argument("--model", default="facebook/opt-125m", help="hub id or local folder")
     p.add_argument("--sparsity", type=fraction, default=0.3,
                    help="fraction of the pruned layers' weights that end at zero, whatever made "
@@ -76,14 +97,15 @@ def parse_args(argv=None):
     p.add_argument("--seqlen", type=positive,
                    help="tokens per window (default min(2048, the model's context))")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration windows")
-    p.add_argument("--train-file", help="local text for calibration instead of WikiText-2 train")
-    p.add_argument("--test-file", help="local text for evaluation instead of WikiText-2 test")
-    p.add_argument("--eval-windows", type=positive, help="evaluate only the first N windows")
-    p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--damp-a", type=float, default=DEFAULT.damp_a, help="damping of A, relative")
-    p.add_argument("--damp-g", type=float, default=DEFAULT.damp_g,
-                   help="damping of G, relative (default %(default)s; README measures the "
-                        "paper's 0.01 for rowcol)")
+    p.add_argument("--train-file", help="local text for calibration (default: WikiText-2 train)")
+    p.add_argument("--test-file", help="local text for evaluation (default: WikiText-2 test)")
+    p.add_argument("--eval-windows", type=positive, help="evaluate only the first N windows (default: all)")
+    p.add_argument("--device", help="cuda or cpu (default: cuda when available, else cpu)")
+    p.add_argument("--damp-a", type=nonnegative, default=DEFAULT.damp_a,
+                   help="damping of A, relative to its mean diagonal")
+    p.add_argument("--damp-g", type=nonnegative, default=DEFAULT.damp_g,
+                   help="damping of G, relative (the paper's 0.01 for rowcol is measured in "
+                        "benchmarks/README.md)")
     p.add_argument("--damp-costs", action=argparse.BooleanOptionalAction,
                    default=DEFAULT.damp_costs,
                    help="rowcol: damped A and G in the costs' quadratic forms too (--no-damp-costs: "
@@ -102,11 +124,12 @@ def parse_args(argv=None):
                    help="do not evaluate the dense model (a grid that measured it once)")
     p.add_argument("--compact", action="store_true",
                    help="after rowcol pruning, cut dead units and heads out; measure the speed-up")
-    p.add_argument("--lora-steps", type=int, default=DEFAULT.lora_steps,
+    p.add_argument("--lora-steps", type=count, default=DEFAULT.lora_steps,
                    help="interleaved low-rank update steps after each shot (0: off)")
     p.add_argument("--lora-rank", type=positive, default=DEFAULT.lora_rank,
                    help="rank of the low-rank update")
-    p.add_argument("--lora-lr", type=float, default=DEFAULT.lora_lr, help="Adam learning rate of it")
+    p.add_argument("--lora-lr", type=positive_float, default=DEFAULT.lora_lr,
+                   help="Adam learning rate of it")
     p.add_argument("--checkpoint", metavar="DIR",
                    help="write the pruned weights and the run's state here after every shot")
     p.add_argument("--resume", action="store_true",
@@ -123,12 +146,35 @@ def parse_args(argv=None):
 COMPACT = "compact.json"
 
 
-def load(name, device="cpu", device_map=None):
-    """Model and tokenizer from a hub id or folder, compacted folders included. With a device
-    map, accelerate places the model (weights offloaded to disk go to a temporary folder)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+@contextmanager
+def loading(name):
+    """Any failure to load (unknown id, no network, broken folder) as one line."""
     try:
+        yield
+    except Exception as err:
+        first = str(err).strip().split("\n")[0]
+        fail(f"cannot load model {name!r} ({first}). Without a hub, pass a local folder with "
+             "--model /path/to/folder")
+
+
+def load_tokenizer(name):
+    """The tokenizer and the model's context length, without loading the weights."""
+    from transformers import AutoConfig, AutoTokenizer
+    with loading(name):
         tokenizer = AutoTokenizer.from_pretrained(name)
+        if os.path.isdir(name):                     # compacted folders too: plain JSON
+            with open(os.path.join(name, "config.json")) as f:
+                config = json.load(f)
+        else:
+            config = AutoConfig.from_pretrained(name).to_dict()
+    return tokenizer, config.get("max_position_embeddings") or 2048
+
+
+def load_model(name, device="cpu", device_map=None):
+    """The model in float32, compacted folders included. With a device map, accelerate places
+    the model (weights offloaded to disk go to a temporary folder)."""
+    from transformers import AutoModelForCausalLM
+    with loading(name):
         if os.path.isfile(os.path.join(name, COMPACT)):
             model = load_compact(name)
         elif device_map:
@@ -139,15 +185,16 @@ def load(name, device="cpu", device_map=None):
                                                          offload_folder=offload)
         else:
             model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
-    except Exception as err:                        # unknown id, no network, broken folder
-        first = str(err).strip().split("\n")[0]
-        fail(f"cannot load model {name!r} ({first}). Without a hub, pass a local folder with "
-             "--model /path/to/folder")
     model.config.use_cache = False
     if device_map:
         offloaded_access(model, offload)
-        return model.eval(), tokenizer
-    return model.to(device).eval(), tokenizer
+        return model.eval()
+    return model.to(device).eval()
+
+
+def load(name, device="cpu", device_map=None):
+    """(model, tokenizer) from a hub id or folder."""
+    return load_model(name, device, device_map), load_tokenizer(name)[0]
 
 
 def offloaded_access(model, folder):
@@ -249,7 +296,8 @@ def token_ids(tokenizer, path, split):
 
 def calibration_windows(ids, nsamples, seqlen, seed, source):
     if len(ids) <= seqlen:
-        fail(f"{source} has {len(ids)} tokens, fewer than one calibration window of {seqlen + 1}")
+        fail(f"{source} has {len(ids)} tokens; calibration windows of --seqlen {seqlen} need at "
+             f"least {seqlen + 1}")
     rng = random.Random(seed)                       # SparseGPT's sampler
     starts = [rng.randint(0, len(ids) - seqlen - 1) for _ in range(nsamples)]
     return [ids[i:i + seqlen][None] for i in starts]
@@ -258,7 +306,8 @@ def calibration_windows(ids, nsamples, seqlen, seed, source):
 def eval_windows(ids, seqlen, limit, source):
     n = len(ids) // seqlen                          # non-overlapping, tail dropped
     if n == 0:
-        fail(f"{source} has {len(ids)} tokens, fewer than one evaluation window of {seqlen}")
+        fail(f"{source} has {len(ids)} tokens, fewer than one evaluation window of --seqlen "
+             f"{seqlen}")
     return [ids[i * seqlen:(i + 1) * seqlen][None] for i in range(min(n, limit or n))]
 
 
@@ -313,10 +362,11 @@ def sparsity_table(layers: dict[str, float]) -> str:
         kind = name.split(".")[-1]
         kinds += [kind] if kind not in kinds else []
         grid.setdefault(block.group(1) if block else "-", {})[kind] = value
-    lines = ["block " + " ".join(f"{k[:8]:>8}" for k in kinds)]
+    width = [max(8, len(k)) for k in kinds]
+    lines = ["block " + " ".join(f"{k:>{w}}" for k, w in zip(kinds, width))]
     for block, row in grid.items():
         lines.append(f"{block:>5} " + " ".join(
-            f"{100 * row[k]:7.1f}%" if k in row else " " * 8 for k in kinds))
+            f"{100 * row[k]:{w - 1}.1f}%" if k in row else " " * w for k, w in zip(kinds, width)))
     return "\n".join(lines)
 
 
@@ -335,23 +385,44 @@ RESULT_SETTINGS = ("model", "sparsity", "structure", "method", "shots", "nsample
 
 
 def writable_file(path, what):
-    parent = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path) or not os.path.isdir(parent) or not os.access(parent, os.W_OK):
-        fail(f"{what} {path} cannot be written (is its folder there and writable?)")
+    """Proved by writing: the file is created (and removed again if it was not there)."""
+    if os.path.isdir(path):
+        fail(f"{what} {path} is a folder, not a file")
+    existed = os.path.exists(path)
+    try:
+        with open(path, "a"):
+            pass
+    except OSError as err:
+        fail(f"{what} {path} cannot be written ({err.strerror})")
+    if not existed:
+        os.remove(path)
 
 
 def writable_folder(path, what, mark):
-    """A folder to create or fill: refused if it is a file, if its nearest existing folder is
-    not writable, or if it holds files that are not this program's (`mark`)."""
+    """A folder to create or fill: refused if it is a file or holds files that are not this
+    program's (`mark`); proved by creating it and writing a file in it (both removed again)."""
     if os.path.exists(path) and not os.path.isdir(path):
         fail(f"{what} {path} is a file, not a folder")
     if os.path.isdir(path) and os.listdir(path) and not os.path.exists(os.path.join(path, mark)):
         fail(f"{what} {path} is not empty and not an output of run_opt.py; choose another folder")
-    existing = os.path.abspath(path)
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.access(existing, os.W_OK):
-        fail(f"{what} {path} cannot be written ({existing} is not writable)")
+    created = os.path.abspath(path)
+    while not os.path.exists(os.path.dirname(created)) and os.path.dirname(created) != created:
+        created = os.path.dirname(created)                 # the first folder that is made
+    created = None if os.path.exists(path) else created
+    try:
+        os.makedirs(path, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError as err:
+        fail(f"{what} {path} cannot be written ({err.strerror})")
+    finally:
+        if created and os.path.isdir(created):
+            shutil.rmtree(created, ignore_errors=True)
+
+
+def local_path(name):
+    """True where --model names a folder rather than a hub id (org/name or name)."""
+    return (os.path.exists(name) or name.startswith(("/", ".", "~")) or name.count("/") > 1
+            or os.sep != "/" and os.sep in name)
 
 
 def device_map(value):
@@ -387,6 +458,8 @@ def validate(args):
                                                       else "cpu"))
     except ValueError as err:
         fail(str(err))
+    if local_path(args.model) and not os.path.isdir(os.path.expanduser(args.model)):
+        fail(f"--model {args.model}: no such folder")
     for path in (args.train_file, args.test_file):
         if path:
             read_text(path)
@@ -465,9 +538,8 @@ def stage(record, name, device):
     record["peak_memory_mb"][name] = round(peak_memory_mb(device), 1)
 
 
-def load_data(args, tokenizer, model, device):
-    """Evaluation windows, and calibration windows where pruning needs them."""
-    context = getattr(model.config, "max_position_embeddings", None) or 2048
+def load_data(args, tokenizer, context):
+    """Evaluation windows, and calibration windows where pruning needs them (on the CPU)."""
     if args.seqlen and args.seqlen > context:
         fail(f"--seqlen {args.seqlen} is longer than the model's context ({context})")
     seqlen = args.seqlen or min(2048, context)
@@ -482,7 +554,7 @@ def load_data(args, tokenizer, model, device):
                                     args.nsamples, seqlen, args.seed, source)
         print(f"calibration: {len(calib)} windows of {seqlen} tokens from {source}, "
               f"seed {args.seed}")
-    return test, [w.to(device) for w in calib]
+    return test, calib
 
 
 def prune_stage(args, settings, model, calib, test, device):
@@ -494,7 +566,7 @@ def prune_stage(args, settings, model, calib, test, device):
         first, shots = read_checkpoint(args.checkpoint, args, settings, layers)
         print(f"resuming from {args.checkpoint} after shot {first - 1}")
     print(f"pruning {args.sparsity:.0%} {args.structure} with {args.method}, "
-          f"{settings.shots} shots")
+          f"{settings.shots} shot{'s' if settings.shots > 1 else ''}")
 
     def on_shot(shot):
         if args.eval_every_shot:
@@ -516,11 +588,11 @@ def prune_stage(args, settings, model, calib, test, device):
     except ValueError as err:
         fail(f"{err} {' '.join(getattr(err, '__notes__', []))}".strip())
     except KeyboardInterrupt:
-        where = (f"the last checkpoint is in {args.checkpoint} (after shot {shots[-1]['shot']})"
-                 if args.checkpoint and shots else "no checkpoint was written (--checkpoint DIR)")
-        print(f"interrupted: {where}", file=sys.stderr)
-        sys.exit(130)
-    return {**report, "shots": shots}
+        raise Interrupted(
+            f"the last checkpoint is in {args.checkpoint} (after shot {shots[-1]['shot']}); "
+            "run the same command with --resume to go on" if args.checkpoint and shots else
+            "no checkpoint was written (--checkpoint DIR keeps one after every shot)") from None
+    return {**report, "shots": shots, "first_shot": first}
 
 
 def compact_stage(model, test, batch, device, record):
@@ -589,7 +661,7 @@ def new_record(args, settings, device):
 
 
 def load_stage(args, device, record):
-    model, tokenizer = load(args.model, device, args.device_map)
+    model = load_model(args.model, device, args.device_map)
     layers = surgeon.prunable_layers(model)
     total = sum(layer.weight.numel() for layer in layers.values())
     record["params_dense"] = sum(p.numel() for p in model.parameters())
@@ -597,17 +669,35 @@ def load_stage(args, device, record):
     print(f"model {args.model}: {record['params_dense'] / 1e6:.1f}M parameters, {len(layers)} "
           f"prunable layers ({total / 1e6:.1f}M weights, {record['sparsity_before']:.2%} zero), "
           f"on {device}")
-    return model, tokenizer, layers
+    return model, layers
 
 
 def main(argv=None):
+    return command_line(run, argv)
+
+
+def command_line(run, argv=None):
+    """run(argv), with errors as one `error:` line (exit 2) and Ctrl-C as one line (exit 130)."""
+    try:
+        return run(argv)
+    except Failure as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except (Interrupted, KeyboardInterrupt) as err:
+        print(f"interrupted{': ' if str(err) else ''}{err}", file=sys.stderr)
+        sys.exit(130)
+
+
+def run(argv=None):
     args = parse_args(argv)
     device, settings = validate(args)
     record = new_record(args, settings, device)
+    with stage(record, "data", device):            # the text is checked before the model loads
+        tokenizer, context = load_tokenizer(args.model)
+        test, calib = load_data(args, tokenizer, context)
     with stage(record, "load", device):
-        model, tokenizer, layers = load_stage(args, device, record)
-    with stage(record, "data", device):
-        test, calib = load_data(args, tokenizer, model, device)
+        model, layers = load_stage(args, device, record)
+        calib = [w.to(device) for w in calib]
         release_memory()
         if args.sparsity > 0:
             try:
@@ -639,6 +729,10 @@ def main(argv=None):
             record["ppl_pruned"] = last["ppl"] if "ppl" in last else \
                 perplexity(model, test, device, "eval pruned")     # evaluated after its last shot
         record.update(sparsity=report["sparsity"], layers=report["layers"], shots=report["shots"])
+        if report["first_shot"] > 1:             # "prune" above timed only this process's shots
+            record["resumed"] = {"from_shot": report["first_shot"],
+                                 "prune_seconds_all_shots": round(sum(
+                                     sum(shot["seconds"].values()) for shot in report["shots"]), 2)}
         print_pruned(record, layers)
     shapes = None
     if compact:
@@ -652,6 +746,10 @@ def main(argv=None):
     if args.json:
         with open(args.json, "w") as f:
             json.dump(record, f, indent=1)
+    if args.checkpoint and args.sparsity > 0:
+        path = os.path.join(args.checkpoint, CHECKPOINT)
+        print(f"checkpoint of the last shot kept in {path} ({os.path.getsize(path) / 2**20:.0f} "
+              "MB); delete it when the run is no longer needed")
     return record
 
 

@@ -21,6 +21,7 @@ layer at a time: its inverses are computed for the costs and again for the updat
 Depends on torch only. Works on any module whose prunable layers are nn.Linear (OPT, Llama, ...),
 on whatever device the model is on.
 """
+import math
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -721,10 +722,14 @@ def check(settings: Settings, layers=None, batches=None):
         raise ValueError(f"method must be one of {METHODS}, got {s.method!r}")
     if not 0 <= s.sparsity < 1:
         raise ValueError(f"sparsity must be in [0, 1), got {s.sparsity}")
-    if s.shots < 1 or s.max_correlate < 1 or s.damp_a < 0 or s.damp_g < 0:
-        raise ValueError("shots and max_correlate must be >= 1, damping >= 0")
-    if s.lora_steps < 0 or s.lora_rank < 1 or s.lora_lr <= 0:
-        raise ValueError("lora_steps must be >= 0, lora_rank >= 1 and lora_lr > 0")
+    for field, low, strict in (("shots", 1, False), ("max_correlate", 1, False),
+                               ("damp_a", 0, False), ("damp_g", 0, False),
+                               ("lora_steps", 0, False), ("lora_rank", 1, False),
+                               ("lora_lr", 0, True)):
+        value = getattr(s, field)
+        if not (math.isfinite(value) and (value > low if strict else value >= low)):
+            raise ValueError(f"{field} must be a finite number {'>' if strict else '>='} {low}, "
+                             f"got {value}")
     if s.structure == "2:4" and s.sparsity > 0.5:
         raise ValueError(f"2:4 removes at most half of the weights; sparsity {s.sparsity} "
                          "cannot be met")

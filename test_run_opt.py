@@ -116,14 +116,15 @@ def test_magnitude_needs_no_calibration_text(files, capsys):
 
 
 @pytest.mark.parametrize("extra,message", [
-    (["--sparsity", "1.5"], "sparsity must be in [0, 1)"),
+    (["--sparsity", "1.5"], "argument --sparsity: must be in [0, 1), got 1.5"),
     (["--structure", "blocks"], "invalid choice"),
     (["--structure", "2:4", "--sparsity", "0.7"], "2:4 removes at most half"),
     (["--seqlen", "100"], "longer than the model's context (64)"),
     (["--train-file", "{root}/nope.txt"], "cannot read"),
-    (["--train-file", "{root}/short.txt"], "fewer than one calibration window"),
-    (["--test-file", "{root}/short.txt"], "fewer than one evaluation window"),
-    (["--model", "{root}/nope"], "pass a local folder with --model"),
+    (["--train-file", "{root}/short.txt"], "has 3 tokens; calibration windows of --seqlen 32 "
+                                           "need at least 33"),
+    (["--test-file", "{root}/short.txt"], "fewer than one evaluation window of --seqlen 32"),
+    (["--model", "{root}/nope"], "--model {root}/nope: no such folder"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(files, tmp_path, capsys, extra, message):
     extra = [e.format(root=files) for e in extra]
@@ -132,6 +133,7 @@ def test_bad_input_is_one_line_and_writes_nothing(files, tmp_path, capsys, extra
         run_opt.main(args_for(files, "opt", "--save", str(saved), *extra))
     assert exit.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
+    message = message.format(root=files)
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
     assert not saved.exists()
 
@@ -150,8 +152,8 @@ def test_command_line_exits_cleanly_without_traceback(files):
                          capture_output=True, text=True, env=env,
                          cwd=os.path.dirname(os.path.abspath(__file__)))
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
-    assert bad.stderr.strip().splitlines() == ["error: argument --sparsity: sparsity must be in "
-                                               "[0, 1), got 2"]
+    assert bad.stderr.strip().splitlines() == ["error: argument --sparsity: must be in [0, 1), "
+                                               "got 2"]
 
 
 @pytest.mark.parametrize("model", ["opt", "llama"])
@@ -212,7 +214,9 @@ def no_loading(*args, **kwargs):
 
 @pytest.mark.parametrize("extra,message", [
     (["--json", "{tmp}/missing/record.json"], "--json {tmp}/missing/record.json cannot be written"),
-    (["--json", "{tmp}"], "cannot be written"),
+    (["--json", "{tmp}"], "--json {tmp} is a folder, not a file"),
+    (["--save", "{tmp}/foreign/a.txt/model"], "--save {tmp}/foreign/a.txt/model cannot be written"),
+    (["--checkpoint", "{tmp}/binary.txt/ckpt"], "cannot be written"),
     (["--save", "{tmp}/foreign"], "not empty and not an output of run_opt.py"),
     (["--save", "{tmp}/foreign/a.txt"], "is a file, not a folder"),
     (["--device", "cuda:7"], "not available"),
@@ -222,16 +226,22 @@ def no_loading(*args, **kwargs):
     (["--test-file", "{tmp}/nope.txt"], "cannot read"),
     (["--resume"], "--resume needs --checkpoint DIR"),
     (["--checkpoint", "{tmp}/empty", "--resume"], "no checkpoint in"),
-    (["--lora-steps", "-1"], "lora_steps"),
-    (["--damp-a", "-1"], "damping"),
+    (["--lora-steps", "-1"], "argument --lora-steps: must be an integer >= 0, got -1"),
+    (["--damp-a", "-1"], "argument --damp-a: must be a finite number >= 0, got -1"),
+    (["--damp-g", "nan"], "argument --damp-g: must be a finite number >= 0, got nan"),
+    (["--lora-lr", "0"], "argument --lora-lr: must be a finite number > 0, got 0"),
+    (["--model", "{tmp}/nowhere"], "--model {tmp}/nowhere: no such folder"),
+    (["--train-file", "{tmp}/short.txt"], "calibration windows of --seqlen 32 need at least 33"),
+    (["--test-file", "{tmp}/short.txt"], "fewer than one evaluation window of --seqlen 32"),
 ])
 def test_bad_input_is_caught_before_loading(files, tmp_path, capsys, monkeypatch, extra, message):
     (tmp_path / "foreign").mkdir()
     (tmp_path / "foreign" / "a.txt").write_text("mine")
     (tmp_path / "binary.txt").write_bytes(b"\xff\xfe\x00 not text")
     (tmp_path / "empty").mkdir()
+    (tmp_path / "short.txt").write_text("the of and")
     before = sorted(p.name for p in tmp_path.rglob("*"))
-    monkeypatch.setattr(run_opt, "load", no_loading)
+    monkeypatch.setattr(run_opt, "load_model", no_loading)
     extra = [e.format(tmp=tmp_path) for e in extra]
     with pytest.raises(SystemExit) as exit:
         run_opt.main(args_for(files, "opt", *extra))
@@ -283,6 +293,9 @@ def test_resume_after_a_failure_gives_the_same_weights(files, tmp_path, monkeypa
     record = run_with_checkpoint(files, tmp_path / "ckpt", tmp_path / "model", "--lora-steps",
                                  "2", "--resume")
     assert [s["shot"] for s in record["shots"]] == [1, 2, 3]
+    assert record["resumed"]["from_shot"] == 3
+    assert record["resumed"]["prune_seconds_all_shots"] >= sum(
+        s["seconds"]["curvature"] for s in record["shots"])
     assert_same(pruned_weights(tmp_path / "model"), uninterrupted)
 
 
@@ -314,7 +327,25 @@ def test_ctrl_c_names_the_last_checkpoint(files, tmp_path, monkeypatch, capsys):
         run_with_checkpoint(files, tmp_path / "ckpt", tmp_path / "model")
     assert exit.value.code == 130
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1] == f"interrupted: the last checkpoint is in {tmp_path / 'ckpt'} (after shot 1)"
+    assert err[-1] == (f"interrupted: the last checkpoint is in {tmp_path / 'ckpt'} (after shot "
+                       "1); run the same command with --resume to go on")
+
+
+def test_ctrl_c_while_loading_is_one_line(files, tmp_path, monkeypatch, capsys):
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(run_opt, "load_model", interrupt)
+    with pytest.raises(SystemExit) as exit:
+        run_opt.main(args_for(files, "opt"))
+    assert exit.value.code == 130
+    assert capsys.readouterr().err.strip().splitlines() == ["interrupted"]
+
+
+def test_a_finished_run_says_where_its_checkpoint_is(files, tmp_path, capsys):
+    run_with_checkpoint(files, tmp_path / "ckpt", tmp_path / "model")
+    size = os.path.getsize(tmp_path / "ckpt" / "checkpoint.pt") / 2**20
+    assert (f"checkpoint of the last shot kept in {tmp_path / 'ckpt' / 'checkpoint.pt'} "
+            f"({size:.0f} MB)") in capsys.readouterr().out
 
 
 def test_resume_with_other_settings_is_refused(files, tmp_path, monkeypatch, capsys):
@@ -360,7 +391,7 @@ def test_disk_offload_gives_the_same_pruned_weights(files, tmp_path, structure):
 
 def test_bad_device_map_is_caught_before_loading(files, tmp_path, capsys, monkeypatch):
     (tmp_path / "map.json").write_text('{"model.layers.0": "moon"}')
-    monkeypatch.setattr(run_opt, "load", no_loading)
+    monkeypatch.setattr(run_opt, "load_model", no_loading)
     with pytest.raises(SystemExit):
         run_opt.main(args_for(files, "llama", "--device-map", str(tmp_path / "map.json")))
     assert "must map module names to a GPU index, 'cpu' or 'disk'" in capsys.readouterr().err

@@ -675,6 +675,10 @@ def weights(model):
     (dict(method="random"), "method"), (dict(shots=0), "shots"),
     (dict(lora_steps=-1), "lora"), (dict(curvature_device="gpu7"), "device"),
     (dict(curvature_device="cuda:9"), "not available"),
+    (dict(damp_g=float("nan")), "damp_g must be a finite number >= 0, got nan"),
+    (dict(damp_a=-1.0), "damp_a must be a finite number >= 0, got -1.0"),
+    (dict(lora_lr=0.0), "lora_lr must be a finite number > 0"),
+    (dict(max_correlate=0), "max_correlate"),
 ])
 def test_bad_settings(kwargs, message):
     model = tiny_opt()

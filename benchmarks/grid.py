@@ -200,7 +200,8 @@ def write_table(folder):
         if r and r.get("shots"):
             split = stage_seconds(r["shots"])
             mc = r["settings"].get("max_correlate")
-            lines.append(f"- {name}: {r['settings']['shots']} shots"
+            shots = r["settings"]["shots"]
+            lines.append(f"- {name}: {shots} shot{'s' if shots > 1 else ''}"
                          + (f", max_correlate {mc}" if mc else "") + "; seconds " +
                          ", ".join(f"{k} {v:.0f}" for k, v in split.items()) +
                          f"; peak memory {max(r['peak_memory_mb'].values()):.0f} MB")

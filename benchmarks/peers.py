@@ -214,7 +214,11 @@ def parse_structure(text):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    return run_opt.command_line(run, argv)
+
+
+def run(argv=None):
+    p = run_opt.Parser(description=__doc__.split("\n")[0], formatter_class=run_opt.Help)
     p.add_argument("--method", choices=METHODS, required=True)
     p.add_argument("--structure", default="unstructured", help="unstructured or N:M (2:4, ...)")
     p.add_argument("--sparsity", type=run_opt.fraction, default=0.5,
@@ -227,8 +231,8 @@ def main(argv=None):
                      ("--eval-windows", {"type": run_opt.positive}),
                      ("--seed", {"type": int, "default": 0}),
                      ("--device", {}), ("--json", {})):
-        p.add_argument(flag, **kw)
-    p.add_argument("--skip-dense-eval", action="store_true")
+        p.add_argument(flag, help="as in run_opt.py", **kw)
+    p.add_argument("--skip-dense-eval", action="store_true", help="do not evaluate the dense model")
     args = p.parse_args(argv)
     try:
         n, m = parse_structure(args.structure)
@@ -241,12 +245,13 @@ def main(argv=None):
     if args.json:
         run_opt.writable_file(args.json, "--json")
     record = run_opt.new_record(args, args, device)
+    with run_opt.stage(record, "data", device):
+        test, calib = run_opt.load_data(args, *run_opt.load_tokenizer(args.model))
     with run_opt.stage(record, "load", device):
-        model, tokenizer, layers = run_opt.load_stage(args, device, record)
+        model, layers = run_opt.load_stage(args, device, record)
+        calib = [w.to(device) for w in calib]
     if n and any(layer.in_features % m for layer in layers.values()):
         p.error(f"{args.structure} needs input widths divisible by {m}")
-    with run_opt.stage(record, "data", device):
-        test, calib = run_opt.load_data(args, tokenizer, model, device)
     record["ppl_dense"] = None
     if not args.skip_dense_eval:
         with run_opt.stage(record, "eval_dense", device):
