@@ -1,22 +1,23 @@
-"""The benchmark grid: dense, and magnitude, L-OBD, K-OBD and LLM Surgeon at 50% unstructured,
-2:4, and 20% and 30% rows and columns, each run through run_opt.py. One JSON record per run goes
-to a results folder (a run whose record exists is skipped, so the grid can be resumed), then
+"""The benchmark grid: dense; magnitude, L-OBD, K-OBD and LLM Surgeon at 50% unstructured, 2:4,
+and 20% and 30% rows and columns, each run through run_opt.py; SparseGPT and Wanda at 50%
+unstructured and 2:4 through benchmarks/peers.py. One JSON record per run goes to a results
+folder (a run whose record exists is skipped, a killed run resumes from its checkpoint), then
 FOLDER.md is written from all records there.
 
-    python benchmarks/grid.py --model DIR --train-file TRAIN --test-file TEST   # this machine
+    benchmarks/setup.sh && python benchmarks/grid.py             # this project's CPU protocol
     python benchmarks/grid.py --model facebook/opt-125m --nsamples 128 --seqlen 2048 \\
-        --results benchmarks/opt125m-wikitext                                   # the paper's
-    python benchmarks/grid.py --table-only                                      # only the table
+        --results benchmarks/opt125m-wikitext                     # the paper's, with a hub
+    python benchmarks/grid.py --table-only                        # only the table
 
-Defaults are the CPU protocol of this project: 32 calibration windows of 512 tokens, seed 0,
-the first 64 evaluation windows. LLM Surgeon at rows and columns takes 6 shots of 5% to 30% and
-evaluates every shot, shot 4 giving the 20% cell; K-OBD and L-OBD have no update: K-OBD takes 3
-shots of 10% at 30% and evaluates every shot, shot 2 giving the 20% cell; L-OBD, last in line,
-takes one shot at 20% and one at 30% (two runs, less time than evaluating 3 shots).
-Rows and columns use damp_g 0.1, the default (the paper's 0.01 collapses at 5% a shot and is no
-better at its 1.25%: benchmarks/studies.py damp-g, README). LLM Surgeon's element runs use
-max_correlate 1 (the default, a row at a time: the authors' 2000 measured no better at 9x the
-update time, see benchmarks/studies.py) and the paper's 5 shots.
+Without --model the runs use what benchmarks/setup.sh builds (SmolLM2-135M-Instruct, Brown
+Corpus); with a --model and no text files, WikiText-2. Defaults are the CPU protocol: 32
+calibration windows of 512 tokens, seed 0, the first 64 evaluation windows.
+Rows and columns follow the paper's schedule, 1.25% a shot: LLM Surgeon and K-OBD in 24 shots to
+30%, evaluated after every shot (shots 8, 16, 24 give 10, 20, 30%); LLM Surgeon with the
+authors' undamped cost forms (--no-damp-costs). The faster variants at 5% a shot are kept as
+surgeon-rowcol-30-shots-6 (6 shots) and kobd-rowcol-30-shots-3 (3 shots of 10%). L-OBD takes
+one shot at 20% and one at 30%. Element runs: LLM Surgeon in the paper's 5 shots, a row at a
+time (max_correlate 1), the others in one shot.
 """
 import argparse
 import glob
@@ -29,6 +30,15 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+ASSETS = "benchmarks/assets"                   # what benchmarks/setup.sh builds, from the root
+
+
+def repo_path(path):
+    """A path as the runs see it from the repository root, where they run: relative inside the
+    repository (so that records name no folder of this machine), absolute outside it."""
+    full = os.path.abspath(path)
+    return os.path.relpath(full, ROOT) if os.path.commonpath([full, ROOT]) == ROOT else full
+
 
 # name: run_opt.py arguments. Order = priority: what matters most runs first.
 GRID = {
@@ -76,11 +86,12 @@ METHODS = [("magnitude", "magnitude"), ("Wanda", "wanda"), ("SparseGPT", "sparse
 
 def common_args(args):
     """run_opt.py arguments shared by every run of a grid or study."""
-    common = ["--model", args.model, "--nsamples", str(args.nsamples), "--seqlen",
+    model = repo_path(args.model) if os.path.exists(args.model) else args.model     # or a hub id
+    common = ["--model", model, "--nsamples", str(args.nsamples), "--seqlen",
               str(args.seqlen), "--seed", "0", "--eval-windows", str(args.eval_windows),
               "--skip-dense-eval"]
-    common += ["--train-file", args.train_file] if args.train_file else []
-    common += ["--test-file", args.test_file] if args.test_file else []
+    common += ["--train-file", repo_path(args.train_file)] if args.train_file else []
+    common += ["--test-file", repo_path(args.test_file)] if args.test_file else []
     return common
 
 
@@ -98,9 +109,10 @@ def run_entries(entries, results, common, only=None, script="run_opt.py"):
         checkpoint = out[:-5] + ".checkpoint"              # a killed run resumes from here
         resume = ["--resume"] if os.path.exists(os.path.join(checkpoint, "checkpoint.pt")) else []
         keep = ["--checkpoint", checkpoint, *resume] if script == "run_opt.py" else []
-        cmd = [sys.executable, os.path.join(ROOT, script), *common, *extra, "--json", out, *keep]
+        cmd = [sys.executable, script, *common, *extra, "--json", repo_path(out),
+               *[repo_path(k) if k == checkpoint else k for k in keep]]
         with open(out[:-5] + ".log", "a" if resume else "w") as log:
-            done = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT)
+            done = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
         if done.returncode:
             print(f"   failed, see {out[:-5]}.log", flush=True)
         else:
@@ -214,11 +226,29 @@ def write_table(folder):
         f.write("\n".join(lines) + "\n")
 
 
+def add_data_args(p):
+    """--model, --train-file, --test-file; defaults: what benchmarks/setup.sh builds."""
+    p.add_argument("--model", help=f"hub id or folder (default: {ASSETS}/smollm2-135m-instruct "
+                                   "with the Brown Corpus text that setup.sh builds there)")
+    p.add_argument("--train-file", help="calibration text (default: WikiText-2 train)")
+    p.add_argument("--test-file", help="evaluation text (default: WikiText-2 test)")
+
+
+def data_args(args):
+    """Without --model, the assets of benchmarks/setup.sh."""
+    if args.model is None:
+        folder = os.path.join(ROOT, ASSETS)
+        args.model = os.path.join(folder, "smollm2-135m-instruct")
+        args.train_file = args.train_file or os.path.join(folder, "brown", "train.txt")
+        args.test_file = args.test_file or os.path.join(folder, "brown", "test.txt")
+        if not os.path.isdir(args.model):
+            sys.exit(f"{args.model} is not there: run benchmarks/setup.sh first, or pass --model")
+    return args
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model")
-    p.add_argument("--train-file")
-    p.add_argument("--test-file")
+    add_data_args(p)
     p.add_argument("--nsamples", type=int, default=32)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--eval-windows", type=int, default=64)
@@ -230,7 +260,7 @@ def main():
     if args.table_only:
         write_table(args.results)
     else:
-        run(args)
+        run(data_args(args))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 # A real SIGKILL of a run on SmolLM2 mid-run, resumed, against the same run uninterrupted.
 cd "$(dirname "$0")/.." && mkdir -p benchmarks/kill-resume/run
 export OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1
-ARGS="--model ${MODEL:-/work/models/smollm2} --train-file ../shared/data/brown/train.txt --test-file ../shared/data/brown/test.txt --nsamples 4 --seqlen 256 --eval-windows 2 --skip-dense-eval --method kobd --structure unstructured --sparsity 0.3 --shots 3"
+ARGS="--model ${MODEL:-benchmarks/assets/smollm2-135m-instruct} --train-file benchmarks/assets/brown/train.txt --test-file benchmarks/assets/brown/test.txt --nsamples 4 --seqlen 256 --eval-windows 2 --skip-dense-eval --method kobd --structure unstructured --sparsity 0.3 --shots 3"
 rm -rf benchmarks/kill-resume/run/*
 python run_opt.py $ARGS --checkpoint benchmarks/kill-resume/run/ck-a --save benchmarks/kill-resume/run/out-a > benchmarks/kill-resume/run/a.log 2>&1
 python run_opt.py $ARGS --checkpoint benchmarks/kill-resume/run/ck-b --save benchmarks/kill-resume/run/out-b > benchmarks/kill-resume/run/b1.log 2>&1 &

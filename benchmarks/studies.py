@@ -3,15 +3,18 @@ than the grid, to fit a 2-core CPU; each study says which). Each run is a run_op
 JSON record and a log in benchmarks/studies/STUDY/; a run whose record exists is skipped, and a
 killed run resumes from its checkpoint, as in grid.py.
 
-    python benchmarks/studies.py max-correlate --model DIR --train-file TRAIN --test-file TEST
-    python benchmarks/studies.py damp-g ...      # lambda_G for rows and columns
-    python benchmarks/studies.py lora ...        # interleaved low-rank updates, with and without
+    python benchmarks/studies.py max-correlate   # on what benchmarks/setup.sh builds
+    python benchmarks/studies.py damp-g          # lambda_G for rows and columns
+    python benchmarks/studies.py damp-costs      # damped or undamped A, G in the rowcol costs
+    python benchmarks/studies.py lora            # interleaved low-rank updates, with and without
     python benchmarks/studies.py STUDY --table-only
 
 max-correlate: one 10% unstructured shot of LLM Surgeon (the first shot of the paper's 5-shot
 schedule to 50%) with 1 weight row a chunk against the paper's 2000 weights a chunk.
 damp-g: 20% rows and columns at 5% a shot (4 shots) and at the paper's 1.25% a shot (16 shots),
 lambda_G in {0.01, 0.1, 1}, evaluated after every shot.
+damp-costs: the same two schedules with the damped A_hat, G_hat in the row and column cost forms
+(--damp-costs) and with the undamped A, G as the authors' code (--no-damp-costs).
 lora: 30% rows and columns (6 shots) and 50% unstructured (2 shots, and the paper's 5, about an
 hour a run on this CPU) with and without 3 low-rank steps a shot (the authors' 3 sequences a shot).
 """
@@ -21,7 +24,8 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from grid import common_args, load_records, run_entries, stage_seconds  # noqa: E402
+from grid import (add_data_args, common_args, data_args, load_records, run_entries,  # noqa: E402
+                  stage_seconds)
 
 SURGEON = ["--method", "surgeon"]
 DENSE = {"dense": ["--sparsity", "0"]}                     # the same evaluation windows, unpruned
@@ -77,9 +81,7 @@ def table(study, folder):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("study", choices=list(STUDIES))
-    p.add_argument("--model")
-    p.add_argument("--train-file")
-    p.add_argument("--test-file")
+    add_data_args(p)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--only", nargs="*", help="run only these runs of the study")
     p.add_argument("--table-only", action="store_true")
@@ -89,7 +91,7 @@ def main():
     if not args.table_only:
         for key, value in study["protocol"].items():
             setattr(args, key, value)
-        run_entries(study["runs"], folder, common_args(args), args.only)
+        run_entries(study["runs"], folder, common_args(data_args(args)), args.only)
     table(args.study, folder)
 
 
