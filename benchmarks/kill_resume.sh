@@ -1,5 +1,7 @@
 #!/bin/bash
 # A real SIGKILL of a run on SmolLM2 mid-run, resumed, against the same run uninterrupted.
+# Needs benchmarks/setup.sh first. Writes benchmarks/kill-resume/: a.txt (the uninterrupted run),
+# b1.txt (the killed one), b2.txt (its resumption), kill.txt (the summary).
 cd "$(dirname "$0")/.." && mkdir -p benchmarks/kill-resume/run
 export OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1
 ARGS="--model ${MODEL:-benchmarks/assets/smollm2-135m-instruct} --train-file benchmarks/assets/brown/train.txt --test-file benchmarks/assets/brown/test.txt --nsamples 4 --seqlen 256 --eval-windows 2 --skip-dense-eval --method kobd --structure unstructured --sparsity 0.3 --shots 3"
@@ -19,3 +21,6 @@ a, b = load_file("benchmarks/kill-resume/run/out-a/model.safetensors"), load_fil
 same = a.keys() == b.keys() and all((a[k] == b[k]).all() and a[k].dtype == b[k].dtype for k in a)
 print("identical to the bit:", bool(same), len(a), "tensors")
 PY
+for f in a.log b1.log b2.log kill.txt; do      # the whole logs, unedited, next to the script's
+  cp "benchmarks/kill-resume/run/$f" "benchmarks/kill-resume/${f%.*}.txt"
+done
