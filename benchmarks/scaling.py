@@ -136,7 +136,8 @@ def main():
     if args.one:
         print(json.dumps(one(args.one, args)))
         return
-    rows = []
+    import run_opt
+    rows, provenance = [], run_opt.provenance()
     for width in args.widths:
         cmd = [sys.executable, __file__, "--one", str(width), "--blocks", str(args.blocks),
                "--sparsity", str(args.sparsity), "--structure", args.structure,
@@ -147,7 +148,8 @@ def main():
         rows.append(row)
         if args.json:                                      # after every width: a kill keeps them
             with open(args.json, "w") as f:
-                json.dump({"command": " ".join(sys.argv), "rows": rows}, f, indent=1)
+                json.dump({"command": " ".join(sys.argv), "provenance": provenance, "rows": rows},
+                          f, indent=1)
         pred, peak = row["predicted_peak_mb"], row["rss_mb"]["peak"]
         print(f"width {width:5d} ({row['params'] / 1e6:6.1f}M params): "
               + "  ".join(f"{k} {v:.1f}s" for k, v in row["seconds"].items())
