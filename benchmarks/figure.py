@@ -1,6 +1,10 @@
-"""Perplexity against sparsity for rows and columns, one curve per method, log scale (as the
-paper's figures), from a grid's JSON records: every evaluated shot and every run's end point.
-Writes FOLDER-rowcol.png and FOLDER-rowcol.json (the points drawn).
+"""Figures from a grid's JSON records, with the points drawn written next to them as JSON:
+
+- FOLDER-rowcol.png: perplexity against sparsity for rows and columns, log scale (as the paper's
+  figures), every evaluated shot: one curve per multi-shot run, and one per method for its
+  one-shot runs.
+- FOLDER-quality-time.png: perplexity against seconds of pruning at 50% unstructured and at 2:4,
+  every method; LLM Surgeon once per number of shots that has a record (NAME-shots-K runs).
 
     python benchmarks/figure.py                       # benchmarks/smollm2-brown
     python benchmarks/figure.py --results benchmarks/opt125m-wikitext
@@ -17,24 +21,93 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from grid import METHODS, load_records  # noqa: E402
+from grid import METHODS, load_records, shot_seconds  # noqa: E402
 
 
-def points(records, method):
-    """Sorted (sparsity, perplexity) of every evaluated state of `method` with rows and columns,
-    starting at the dense model."""
-    found = {}
+def rowcol_curves(records):
+    """{label: sorted [(sparsity, perplexity)]}, each starting at the dense model."""
     dense = records.get("dense")
-    if dense:
-        found[0.0] = dense["ppl_dense"]
-    for name, r in records.items():
-        if not name.startswith(f"{method}-rowcol-"):
-            continue
-        for shot in r["shots"]:
-            if "ppl" in shot:
-                found[round(shot["sparsity"], 4)] = shot["ppl"]
-        found[round(r["sparsity"], 4)] = r["ppl_pruned"]
-    return sorted(found.items())
+    start = {0.0: dense["ppl_dense"]} if dense else {}
+    curves = {}
+    for label, method in METHODS:
+        for name, r in sorted(records.items()):
+            if not name.startswith(f"{method}-rowcol-"):
+                continue
+            shots = r["settings"]["shots"]
+            key = f"{label}, {shots} shots" if shots > 1 else f"{label}, one shot each"
+            found = curves.setdefault(key, dict(start))
+            for shot in r["shots"]:
+                if "ppl" in shot:
+                    found[round(shot["sparsity"], 4)] = shot["ppl"]
+            found[round(r["sparsity"], 4)] = r["ppl_pruned"]
+    return {key: sorted(found.items()) for key, found in curves.items()}
+
+
+def quality_time(records, column):
+    """{label: sorted [(seconds of pruning, perplexity)]} at one grid column."""
+    curves = {}
+    for label, method in METHODS:
+        for name, r in records.items():
+            if name == f"{method}-{column}" or name.startswith(f"{method}-{column}-shots-"):
+                shots = r["settings"]["shots"]
+                curves.setdefault(label, []).append((shot_seconds(r["shots"]), r["ppl_pruned"],
+                                                     shots))
+    return {label: sorted(points) for label, points in curves.items()}
+
+
+def title(records):
+    some = next(iter(records.values()))["settings"]
+    test = some["test_file"]
+    data = os.path.join(*os.path.normpath(test).split(os.sep)[-2:]) if test else "WikiText-2"
+    return f"{os.path.basename(some['model'].rstrip('/'))}, {data}"
+
+
+def rowcol_figure(records, out):
+    curves = rowcol_curves(records)
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    for (label, curve), marker in zip(curves.items(), "v^sodpx*"):
+        if len(curve) > 1:
+            x, y = zip(*curve)
+            ax.plot([100 * s for s in x], y, marker=marker, label=label, markersize=4)
+    ax.set_yscale("log")
+    ax.set_xlabel("sparsity of the pruned layers (%), rows and columns")
+    ax.set_ylabel("test perplexity")
+    ax.set_title(title(records), fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out + ".png", dpi=120)
+    with open(out + ".json", "w") as f:
+        json.dump({label: [{"sparsity": s, "ppl": v} for s, v in curve]
+                   for label, curve in curves.items()}, f, indent=1)
+
+
+def quality_time_figure(records, out):
+    columns = (("unstructured-50", "50% unstructured"), ("2:4", "2:4"))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
+    drawn = {}
+    for ax, (column, heading) in zip(axes, columns):
+        curves = quality_time(records, column.replace(":", ""))
+        drawn[heading] = {label: [{"seconds": t, "ppl": v, "shots": k} for t, v, k in curve]
+                          for label, curve in curves.items()}
+        for (label, curve), marker in zip(curves.items(), "v^sodpx*"):
+            x, y, shots = zip(*curve)
+            ax.plot([max(t, 1) for t in x], y, marker=marker, label=label)
+            if len(curve) > 1:
+                for t, v, k in curve:
+                    ax.annotate(f"{k} shot{'s' if k > 1 else ''}", (max(t, 1), v), fontsize=7,
+                                textcoords="offset points", xytext=(4, 4))
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("seconds of pruning (one thread)")
+        ax.set_ylabel("test perplexity")
+        ax.set_title(f"{heading}; {title(records)}", fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out + ".png", dpi=120)
+    with open(out + ".json", "w") as f:
+        json.dump(drawn, f, indent=1)
 
 
 def main():
@@ -42,28 +115,10 @@ def main():
     p.add_argument("--results", default=os.path.join(HERE, "smollm2-brown"))
     args = p.parse_args()
     records = load_records(args.results)
-    curves = {label: points(records, method) for label, method in METHODS}
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    for (label, curve), marker in zip(curves.items(), "v^so"):
-        if len(curve) > 1:
-            x, y = zip(*curve)
-            ax.plot([100 * s for s in x], y, marker=marker, label=label)
-    ax.set_yscale("log")
-    ax.set_xlabel("sparsity of the pruned layers (%), rows and columns")
-    ax.set_ylabel("test perplexity")
-    some = next(iter(records.values()))["settings"]
-    test = some["test_file"]
-    data = os.path.join(*os.path.normpath(test).split(os.sep)[-2:]) if test else "WikiText-2"
-    ax.set_title(f"{os.path.basename(some['model'].rstrip('/'))}, {data}", fontsize=10)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    out = args.results.rstrip("/") + "-rowcol"
-    fig.savefig(out + ".png", dpi=120)
-    with open(out + ".json", "w") as f:
-        json.dump({label: [{"sparsity": s, "ppl": v} for s, v in curve]
-                   for label, curve in curves.items()}, f, indent=1)
-    print(f"wrote {out}.png and {out}.json")
+    base = args.results.rstrip("/")
+    rowcol_figure(records, base + "-rowcol")
+    quality_time_figure(records, base + "-quality-time")
+    print(f"wrote {base}-rowcol.png, {base}-quality-time.png and their .json")
 
 
 if __name__ == "__main__":

@@ -73,6 +73,11 @@ GRID = {
                        "--shots", "1"],
     "lobd-rowcol-20": ["--method", "lobd", "--structure", "rowcol", "--sparsity", "0.2",
                        "--shots", "1"],
+    # quality against time: LLM Surgeon in fewer shots than the paper's 5 (benchmarks/figure.py)
+    **{f"surgeon-{name}-shots-{k}": ["--method", "surgeon", "--structure", structure,
+                                     "--sparsity", "0.5", "--shots", str(k)]
+       for name, structure in (("unstructured-50", "unstructured"), ("2:4", "2:4"))
+       for k in (1, 2, 3)},
 }
 # name: benchmarks/peers.py arguments (SparseGPT and Wanda, written from their papers).
 PEERS = {f"{method}-{name}": ["--method", method, "--structure", structure, "--sparsity", "0.5"]
