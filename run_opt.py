@@ -72,6 +72,13 @@ def _number(kind, ok, wanted):
 
 
 fraction = _number(float, lambda v: 0 <= v < 1, "in [0, 1)")
+
+
+def structure(text):
+    try:
+        return surgeon.structure_of(text).name
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 positive = _number(int, lambda v: v >= 1, "a positive integer")
 count = _number(int, lambda v: v >= 0, "an integer >= 0")
 nonnegative = _number(float, lambda v: v >= 0, "a finite number >= 0")
@@ -88,8 +95,10 @@ def parse_args(argv=None):
     p.add_argument("--sparsity", type=fraction, default=0.3,
                    help="fraction of the pruned layers' weights that end at zero, whatever made "
                         "them zero (weights already zero count); 0 only evaluates")
-    p.add_argument("--structure", choices=surgeon.STRUCTURES, default="rowcol",
-                   help="what is removed: single weights, 2 of every 4, or whole rows and columns")
+    p.add_argument("--structure", type=structure, default="rowcol",
+                   help="what is removed: unstructured (single weights), N:M (N of every M "
+                        "consecutive inputs of a row: 2:4, 4:8, ...) or rowcol (whole rows and "
+                        "columns)")
     p.add_argument("--method", choices=surgeon.METHODS, default="surgeon",
                    help="LLM Surgeon, or a baseline (K-OBD, L-OBD, magnitude) from the same loop")
     p.add_argument("--shots", type=positive, help="pruning shots (default 40 rowcol, 5 otherwise)")

@@ -155,7 +155,7 @@ def test_second_block_is_pruned_from_the_first_blocks_pruned_outputs(monkeypatch
 def test_structure_parsing():
     assert peers.parse_structure("unstructured") == (0, 0)
     assert peers.parse_structure("4:8") == (4, 8)
-    for bad in ("4:4", "0:4", "a:b", "2-4"):
+    for bad in ("4:4", "0:4", "a:b", "2-4", "rowcol"):
         with pytest.raises(Exception):
             peers.parse_structure(bad)
 

@@ -73,7 +73,8 @@ def args_for(files, model="opt", *extra):
 
 @pytest.mark.parametrize("model,structure,sparsity", [
     ("opt", "rowcol", "0.3"), ("llama", "rowcol", "0.2"), ("opt", "unstructured", "0.5"),
-    ("llama", "2:4", "0.5"), ("llama", "unstructured", "0.4")])
+    ("llama", "2:4", "0.5"), ("llama", "unstructured", "0.4"), ("opt", "4:8", "0.5"),
+    ("llama", "1:4", "0.2")])
 def test_end_to_end(files, tmp_path, capsys, model, structure, sparsity):
     out, saved = tmp_path / "record.json", tmp_path / "pruned"
     record = run_opt.main(args_for(files, model, "--structure", structure, "--sparsity", sparsity,
@@ -92,7 +93,7 @@ def test_end_to_end(files, tmp_path, capsys, model, structure, sparsity):
     layers = surgeon.prunable_layers(run_opt.load(str(files / model), "cpu")[0])
     widest = max(max(l.weight.shape) for l in layers.values())
     total = sum(l.weight.numel() for l in layers.values())
-    slack = {"unstructured": 1, "2:4": 2, "rowcol": widest}[structure] / total
+    slack = {"unstructured": 1, "rowcol": widest}.get(structure, 4) / total
     target = round(float(sparsity) * total) / total
     assert target <= record["sparsity"] < target + slack
     # the saved folder reloads with the same zeros and the same perplexity
@@ -102,6 +103,13 @@ def test_end_to_end(files, tmp_path, capsys, model, structure, sparsity):
     assert again["ppl_dense"] == pytest.approx(record["ppl_pruned"], rel=1e-5)
     assert again["sparsity"] == pytest.approx(record["sparsity"])
     assert again["layers"] == pytest.approx(record["layers"])
+    if ":" in structure:                              # every group of the saved model: N zeros
+        n, m = (int(v) for v in structure.split(":"))
+        weights = pruned_weights(saved)
+        for name in layers:
+            zeros = (weights[f"{name}.weight"].reshape(-1, m) == 0).sum(-1)
+            assert (zeros >= n).all() if float(sparsity) == n / m else \
+                torch.isin(zeros, torch.tensor([0, n])).all(), name
 
 
 def math_ok(x):
@@ -117,8 +125,8 @@ def test_magnitude_needs_no_calibration_text(files, capsys):
 
 @pytest.mark.parametrize("extra,message", [
     (["--sparsity", "1.5"], "argument --sparsity: must be in [0, 1), got 1.5"),
-    (["--structure", "blocks"], "invalid choice"),
-    (["--structure", "2:4", "--sparsity", "0.7"], "2:4 removes at most half"),
+    (["--structure", "blocks"], "argument --structure: structure must be unstructured, rowcol or N:M"),
+    (["--structure", "2:4", "--sparsity", "0.7"], "2:4 removes at most 2/4 of the weights"),
     (["--seqlen", "100"], "longer than the model's context (64)"),
     (["--train-file", "{root}/nope.txt"], "cannot read"),
     (["--train-file", "{root}/short.txt"], "has 3 tokens; calibration windows of --seqlen 32 "

@@ -1,6 +1,8 @@
 """Tests for surgeon.py: every formula against a brute-force dense Optimal Brain Surgeon solve with
 F = G (x) A on tiny layers, KFAC against explicit per-token autograd, the global threshold's
 counting, and end to end on tiny random OPT and Llama models. Nothing is downloaded."""
+import itertools
+
 import pytest
 import torch
 import torch.nn as nn
@@ -164,25 +166,32 @@ def linear_of(W, n_in):
     return layer
 
 
-def test_two_four_choice_and_update():
+@pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (3, 4), (4, 8), (1, 8)])
+def test_n_m_choice_and_update(n, m):
+    """The cheapest N of every group of M, against brute force over all N-subsets; the update on
+    the chosen weights against the dense OBS solution."""
     W, A, G, A_inv, G_inv = tiny_layer(m=3, n=8, seed=5)
-    q = surgeon.quadratic(linear_of(W, 8), A, G, Settings(structure="2:4", damp_a=0, damp_g=0))
-    costs = element_costs(W, precision(A_inv), precision(G_inv)).reshape(3, 2, 4)
-    pair = surgeon.group_choice(q, "surgeon", W == 0)                    # (3, 2, 4)
-    assert (pair.sum(-1) == 2).all()
-    cheapest2 = costs.sort(-1).values[..., :2].sum(-1)
-    assert torch.allclose((costs * pair).sum(-1), cheapest2)             # the 2 cheapest
-    new = remove_elements(W, A_inv, G_inv, pair.reshape(3, 8), max_correlate=100)
-    assert torch.allclose(new, obs(W, A, G, pair.reshape(3, 8))[0], atol=1e-10)
-    group_costs, gains = surgeon.candidates(q, "2:4", "surgeon")
-    assert torch.allclose(group_costs.double(), cheapest2.flatten(), rtol=1e-6)
-    assert (gains == 2).all()
+    structure = surgeon.structure_of(f"{n}:{m}")
+    q = surgeon.quadratic(linear_of(W, 8), A, G, Settings(structure=f"{n}:{m}", damp_a=0, damp_g=0))
+    costs = element_costs(W, precision(A_inv), precision(G_inv))
+    cands = structure.candidates(q, "surgeon")
+    choice = cands.choice.reshape(3, 8)
+    for i in range(3):
+        for g in range(8 // m):
+            best = min(itertools.combinations(range(g * m, g * m + m), n),
+                       key=lambda S: sum(float(costs[i, j]) for j in S))
+            assert choice[i, g * m:g * m + m].nonzero()[:, 0].add(g * m).tolist() == list(best)
+            assert torch.isclose(cands.cost.reshape(3, -1)[i, g].double(),
+                                 sum(costs[i, j] for j in best), rtol=1e-6)
+    assert (cands.gain == n).all()
+    new = remove_elements(W, A_inv, G_inv, choice, max_correlate=100)
+    assert torch.allclose(new, obs(W, A, G, choice)[0], atol=1e-10)
 
 
 @pytest.mark.parametrize("method", ["kobd", "lobd", "magnitude"])
 def test_obd_costs_are_the_quadratic_form_of_the_undamped_F(method):
     """No update follows an OBD removal, so removing Q costs 1/2 theta_Q^T F_QQ theta_Q: checked
-    for every element, row, column and 2:4 pair against the dense F (bias as the last column)."""
+    for every element, row, column and N:M subset against the dense F (bias as the last column)."""
     W, A, G, _, _ = tiny_layer(m=3, n=9, seed=8)
     eye = lambda d: torch.eye(d, dtype=torch.float64)
     FA, FG = {"kobd": (A, G), "lobd": (A, eye(3)), "magnitude": (eye(9), eye(3))}[method]
@@ -194,21 +203,25 @@ def test_obd_costs_are_the_quadratic_form_of_the_undamped_F(method):
 
     s = Settings(method=method, damp_a=5.0, damp_g=5.0)        # damping must not enter
     q = surgeon.quadratic(linear_of(W, 8), A.float(), G.float(), s)
-    rowcol = surgeon.candidates(q, "rowcol", method)[0]
+    rowcol = surgeon.RowCol().candidates(q, method).cost
     expect = [form(mask_of(W.shape, rows=[r])) for r in range(3)] + \
              [form(mask_of(W.shape, cols=[c])) for c in range(8)]        # the bias: no candidate
     assert torch.allclose(rowcol.double(), torch.stack(expect), rtol=1e-5)
-    elements = surgeon.candidates(q, "unstructured", method)[0].reshape(3, 8)
+    elements = surgeon.Unstructured().candidates(q, method).cost.reshape(3, 8)
     for i in range(3):
         for j in range(8):
             expected = form(mask_of(W.shape, cells=[(i, j)]))
             assert torch.isclose(elements[i, j].double(), expected, rtol=1e-5)
-    groups = surgeon.candidates(q, "2:4", method)[0].reshape(3, 2)
-    for i in range(3):
-        for g in range(2):
-            pairs = [form(mask_of(W.shape, cells=[(i, 4 * g + p), (i, 4 * g + p2)]))
-                     for p in range(4) for p2 in range(p + 1, 4)]
-            assert torch.isclose(groups[i, g].double(), min(pairs), rtol=1e-5)
+    for n, m in ((2, 4), (1, 4), (4, 8)):
+        cands = surgeon.NM(n, m).candidates(q, method)
+        groups, choice = cands.cost.reshape(3, 8 // m), cands.choice.reshape(3, 8)
+        for i in range(3):
+            for g in range(8 // m):
+                forms = {S: form(mask_of(W.shape, cells=[(i, j) for j in S]))
+                         for S in itertools.combinations(range(g * m, g * m + m), n)}
+                best = min(forms, key=forms.get)
+                assert torch.isclose(groups[i, g].double(), forms[best], rtol=1e-5)
+                assert choice[i, g * m:g * m + m].nonzero()[:, 0].add(g * m).tolist() == list(best)
 
 
 def test_lone_linear_layer_update_is_constrained_least_squares():
@@ -265,11 +278,11 @@ def test_dead_rows_and_columns_cost_nothing_and_stay_out_of_updates():
         X_live = X[live][:, live]                              # damped over the live diagonal
         expected = X_live + damp * X_live.diagonal().mean() * torch.eye(len(live), dtype=X.dtype)
         assert torch.allclose(X_hat[live][:, live], expected)
-    cost, _ = surgeon.candidates(q, "rowcol", "surgeon")
-    assert cost[1] == surgeon.REMOVED and cost[4 + 2] == surgeon.REMOVED   # always taken
+    cand = surgeon.RowCol().candidates(q, "surgeon")
+    assert cand.cost[1] == surgeon.REMOVED and cand.cost[4 + 2] == surgeon.REMOVED  # always taken
     taken = torch.zeros(8, dtype=torch.bool)
     taken[[1, 6, 3]] = True                                    # rows 1, 3 and column 2
-    new = surgeon.apply(q, taken, s)
+    new = surgeon.RowCol().update(q, taken, cand, s)
     assert (new[[1, 3]] == 0).all() and (new[:, 2] == 0).all()
     # the same removal by the oracle on the live coordinates only
     sub = obs(W[live_r][:, live_c], q.A[live_c][:, live_c], q.G[live_r][:, live_r],
@@ -304,6 +317,29 @@ def greedy(costs, nonzero, structure, target):
     return taken
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_radix_select_equals_a_sort(seed):
+    """The radix threshold against the plain version: a stable sort of all candidates (forced
+    first), the shortest prefix whose gains reach the target; costs of every magnitude, ties."""
+    gen = torch.Generator().manual_seed(seed)
+    costs = [torch.exp(torch.randn(n, generator=gen) * 8) for n in (50, 300, 7)]
+    costs[0][:20] = costs[0][20:40]                                   # exact ties across a layer
+    costs[1][::7] = surgeon.REMOVED
+    gains = [torch.randint(0, 3, c.shape, generator=gen, dtype=torch.uint8) for c in costs]
+    flat, gain = torch.cat(costs), torch.cat(gains).long()
+    order = torch.cat([(flat == surgeon.REMOVED).nonzero()[:, 0],
+                       flat.masked_fill(flat == surgeon.REMOVED, float("inf")).argsort(stable=True)
+                       [:int((flat != surgeon.REMOVED).sum())]])
+    zeros = 11
+    for target in (0, 40, 150, 333, 1000):
+        k = int((zeros + gain[order].cumsum(0) < target).sum()) + (target > zeros)
+        k = max(k, int((flat == surgeon.REMOVED).sum()))
+        want = torch.zeros(len(flat), dtype=torch.bool)
+        want[order[:k]] = True
+        got = surgeon.threshold_select(costs, gains, target, zeros)
+        assert torch.equal(torch.cat(got), want), target
+
+
 def layers_with_zeros(shapes, seed, fraction):
     gen = torch.Generator().manual_seed(seed)
     return [torch.rand(m, n, generator=gen) >= fraction for m, n in shapes]
@@ -319,7 +355,8 @@ def test_select_rowcol_counts_overlap_and_existing_zeros_exactly(target, fractio
     costs = [torch.rand(m + n, generator=gen) for m, n in shapes]
     costs[1][2] = surgeon.REMOVED                              # an already removed row
     zeros = sum(int((~nz).sum()) for nz in nonzero)
-    got = surgeon.select(costs, nonzero, "rowcol", target, zeros)
+    cands = [surgeon.Candidates(c, nonzero=nz) for c, nz in zip(costs, nonzero)]
+    got = surgeon.RowCol().select(cands, target, zeros)
     for a, b in zip(got, greedy(costs, nonzero, "rowcol", target)):
         assert torch.equal(a, b)
 
@@ -337,7 +374,8 @@ def test_select_elements_and_groups_count_existing_zeros(structure, target):
     for c, g in zip(costs, gains):
         c[g == 0] = surgeon.REMOVED
     zeros = sum(int((~nz).sum()) for nz in nonzero)
-    got = surgeon.select(costs, gains, structure, target, zeros)
+    cands = [surgeon.Candidates(c, g) for c, g in zip(costs, gains)]
+    got = surgeon.structure_of(structure).select(cands, target, zeros)
     for a, b in zip(got, greedy(costs, nonzero, structure, target)):
         assert torch.equal(a, b)
     added = sum(int(g[t].sum()) for g, t in zip(gains, got))
@@ -400,6 +438,15 @@ def explicit_factors(model, batches):
     for p in model.parameters():
         p.requires_grad_(True)
     return {n: (A / T, G / T) for n, (A, G) in sums.items()}
+
+
+@pytest.mark.parametrize("d", [1, 5, 8, 13])
+def test_blocked_gram_equals_the_plain_product(d):
+    x = torch.randn(30, d, generator=torch.Generator().manual_seed(d))
+    S = torch.zeros(d, d)
+    surgeon.add_gram(S, x)
+    surgeon.add_gram(S, 2 * x)
+    assert torch.allclose(surgeon.mirror(S), 5 * x.T @ x, rtol=1e-5, atol=1e-5)
 
 
 def test_next_token_loss_is_each_sequences_mean_over_its_labelled_tokens():
@@ -488,7 +535,8 @@ def calib(vocab=50, n=3, seed=0):
 
 @pytest.mark.parametrize("make", [tiny_opt, tiny_llama])
 @pytest.mark.parametrize("structure,sparsity", [("unstructured", 0.5), ("2:4", 0.5),
-                                                ("2:4", 0.3), ("rowcol", 0.3)])
+                                                ("2:4", 0.3), ("rowcol", 0.3), ("4:8", 0.5),
+                                                ("1:4", 0.25), ("3:4", 0.6)])
 def test_multishot_reaches_target_and_model_runs(make, structure, sparsity):
     model = make()
     layers = surgeon.prunable_layers(model)
@@ -499,16 +547,17 @@ def test_multishot_reaches_target_and_model_runs(make, structure, sparsity):
                            on_shot=records.append)
     zeros = sum(int((l.weight == 0).sum()) for l in layers.values())
     target = round(sparsity * total)
-    step = {"unstructured": 1, "2:4": 2, "rowcol": max(max(l.weight.shape) for l in layers.values())}
-    assert target <= zeros < target + step[structure]              # to one candidate
+    step = {"unstructured": 1, "rowcol": max(max(l.weight.shape) for l in layers.values())}
+    n, m = (int(v) for v in structure.split(":")) if ":" in structure else (0, 0)
+    assert target <= zeros < target + step.get(structure, n)       # to one candidate
     assert [r["shot"] for r in records] == [1, 2, 3] and report["shots"] == records
     assert report["sparsity"] == pytest.approx(zeros / total)
     assert set(report["layers"]) == set(layers)
     for layer in layers.values():
         W = layer.weight
-        if structure == "2:4":                                     # 0 or 2 zeros a group
-            per_group = (W.reshape(-1, 4) == 0).sum(-1)
-            assert torch.isin(per_group, torch.tensor([2] if sparsity == 0.5 else [0, 2])).all()
+        if m:                                                      # 0 or N zeros a group, N
+            per_group = (W.reshape(-1, m) == 0).sum(-1)            # at the most N:M allows
+            assert torch.isin(per_group, torch.tensor([n] if sparsity == n / m else [0, n])).all()
         if structure == "rowcol":                                  # zeros only in whole lines
             dead_r, dead_c = (W == 0).all(1), (W == 0).all(0)
             assert torch.equal(W == 0, dead_r[:, None] | dead_c[None, :])

@@ -201,16 +201,14 @@ def _first(out):
 
 
 def parse_structure(text):
-    """'unstructured' -> (0, 0); 'N:M' -> (N, M) with 0 < N < M."""
-    if text == "unstructured":
-        return 0, 0
+    """'unstructured' -> (0, 0); 'N:M' -> (N, M) with 0 < N < M, parsed as surgeon.py does."""
     try:
-        n, m = (int(v) for v in text.split(":"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"structure must be unstructured or N:M, got {text}")
-    if not 0 < n < m:
-        raise argparse.ArgumentTypeError(f"N:M needs 0 < N < M, got {text}")
-    return n, m
+        structure = surgeon.structure_of(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    if isinstance(structure, surgeon.RowCol):
+        raise argparse.ArgumentTypeError("SparseGPT and Wanda remove no whole rows or columns")
+    return (structure.n, structure.m) if isinstance(structure, surgeon.NM) else (0, 0)
 
 
 def main(argv=None):
