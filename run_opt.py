@@ -128,7 +128,8 @@ def parse_args(argv=None):
     p.add_argument("--curvature-device",
                    help="where the KFAC factors live (default: the model's device; cpu keeps "
                         "them in host memory)")
-    p.add_argument("--eval-every-shot", action="store_true", help="perplexity after every shot")
+    p.add_argument("--eval-every", type=count, default=0, metavar="K",
+                   help="perplexity after every K-th shot and the last (0: after the last only)")
     p.add_argument("--skip-dense-eval", action="store_true",
                    help="do not evaluate the dense model (a grid that measured it once)")
     p.add_argument("--compact", action="store_true",
@@ -578,7 +579,8 @@ def prune_stage(args, settings, model, calib, test, device):
           f"{settings.shots} shot{'s' if settings.shots > 1 else ''}")
 
     def on_shot(shot):
-        if args.eval_every_shot:
+        if args.eval_every and (shot["shot"] % args.eval_every == 0
+                                or shot["shot"] == settings.shots):
             shot["ppl"] = perplexity(model, test, device, f"eval shot {shot['shot']}")
         shots.append(shot)
         release_memory()

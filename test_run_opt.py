@@ -78,7 +78,7 @@ def args_for(files, model="opt", *extra):
 def test_end_to_end(files, tmp_path, capsys, model, structure, sparsity):
     out, saved = tmp_path / "record.json", tmp_path / "pruned"
     record = run_opt.main(args_for(files, model, "--structure", structure, "--sparsity", sparsity,
-                                   "--eval-every-shot", "--json", str(out), "--save", str(saved)))
+                                   "--eval-every", "1", "--json", str(out), "--save", str(saved)))
     printed = capsys.readouterr().out
     assert "dense perplexity:" in printed and "-> pruned" in printed
     assert "sparsity per layer" in printed
@@ -403,3 +403,10 @@ def test_bad_device_map_is_caught_before_loading(files, tmp_path, capsys, monkey
     with pytest.raises(SystemExit):
         run_opt.main(args_for(files, "llama", "--device-map", str(tmp_path / "map.json")))
     assert "must map module names to a GPU index, 'cpu' or 'disk'" in capsys.readouterr().err
+
+
+def test_eval_every_k_shots_and_the_last(files, tmp_path):
+    record = run_opt.main(args_for(files, "llama", "--structure", "unstructured", "--sparsity",
+                                   "0.3", "--shots", "3", "--eval-every", "2", "--skip-dense-eval"))
+    assert ["ppl" in shot for shot in record["shots"]] == [False, True, True]
+    assert record["ppl_pruned"] == record["shots"][-1]["ppl"]
