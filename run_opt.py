@@ -117,8 +117,9 @@ def parse_args(argv=None):
                         "benchmarks/README.md)")
     p.add_argument("--damp-costs", action=argparse.BooleanOptionalAction,
                    default=DEFAULT.damp_costs,
-                   help="rowcol: damped A and G in the costs' quadratic forms too (--no-damp-costs: "
-                        "undamped, as the authors' code)")
+                   help="rowcol: damped A and G in the costs' quadratic forms too (default: "
+                        "undamped there, as the authors' code; damped in the precisions and the "
+                        "update either way)")
     p.add_argument("--max-correlate", type=positive, default=DEFAULT.max_correlate,
                    help="most removed weights solved together in an element update (1: one row "
                         "at a time; the authors' 2000 measured no better and 9x slower, README)")

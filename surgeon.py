@@ -65,8 +65,8 @@ class Settings:
     damp_a: float = 0.01              # lambda_A, relative to the mean live diagonal of A
     damp_g: float = 0.1               # lambda_G (paper: 0.01 for rowcol; it collapses at 5% a
                                       # shot and is no better at 1.25%, see benchmarks)
-    damp_costs: bool = True           # rowcol: damped A_hat, G_hat also in the costs'
-                                      # w^T A w, w^T G w (False: undamped, as the authors' code)
+    damp_costs: bool = False          # rowcol: the costs' w^T A w, w^T G w with undamped A, G
+                                      # as the authors' code (better, measured); True: A_hat, G_hat
     max_correlate: int = 1            # most removed weights solved together in an element update:
                                       # 1 is a row at a time (authors: 2000; as good, 9x slower)
     curvature_device: str | None = None   # where A and G live; None: the model's device
@@ -343,7 +343,7 @@ def check_finite(factors):
 #      element (i, j): 1/2 gamma_i alpha_j W_ij^2      row r: 1/2 gamma_r w_r^T A w_r
 #      column c: 1/2 alpha_c w_c^T G w_c
 #    surgeon:   A = A_hat, G = G_hat, alpha = 1 / diag(A_inv), gamma = 1 / diag(G_inv)
-#               (damp_costs=False: A, G undamped in the row and column forms, as the authors)
+#               (but A, G undamped in the row and column forms, as the authors, unless damp_costs)
 #    K-OBD:     A, G undamped,           alpha = diag(A),       gamma = diag(G)
 #    L-OBD:     A undamped, G = I,       alpha = diag(A),       gamma = 1
 #    magnitude: A = I, G = I,            alpha = 1,             gamma = 1    (None means I).

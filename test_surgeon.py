@@ -270,7 +270,7 @@ def test_dead_rows_and_columns_cost_nothing_and_stay_out_of_updates():
     W, A, G, _, _ = tiny_layer(m=4, n=5, seed=7)
     W[:, 2] = 0                                                # a removed column
     G[1, :] = G[:, 1] = 0                                      # no gradient reaches row 1
-    s = Settings(structure="rowcol", damp_a=0.1, damp_g=0.2)
+    s = Settings(structure="rowcol", damp_a=0.1, damp_g=0.2, damp_costs=True)
     q = surgeon.quadratic(linear_of(W, 4), A, G, s)
     assert (q.A_inv[2] == 0).all() and (q.G_inv[1] == 0).all()
     live_r, live_c = [0, 2, 3], [0, 1, 3, 4]
@@ -288,6 +288,26 @@ def test_dead_rows_and_columns_cost_nothing_and_stay_out_of_updates():
     sub = obs(W[live_r][:, live_c], q.A[live_c][:, live_c], q.G[live_r][:, live_r],
               mask_of((3, 4), rows=[2]))[0]
     assert torch.allclose(new[live_r][:, live_c], sub, atol=1e-10)
+
+
+@pytest.mark.parametrize("damp_costs", [True, False])
+def test_rowcol_costs_with_damped_or_undamped_forms(damp_costs):
+    """damp_costs: the OBS cost under the damped F (row: 1/2 w_r^T A_hat w_r / G_inv_rr). Without
+    it, the authors' cost: the same precisions 1 / G_inv_rr, 1 / A_inv_cc of the damped inverses,
+    but the undamped A (rows) and G (columns) in the quadratic forms."""
+    W, A, G, _, _ = tiny_layer(m=4, n=5, seed=9)
+    s = Settings(structure="rowcol", damp_a=0.3, damp_g=0.2, damp_costs=damp_costs)
+    cost = surgeon.RowCol().candidates(surgeon.quadratic(linear_of(W, 5), A, G, s), "surgeon").cost
+    A_hat = A + 0.3 * A.diagonal().mean() * torch.eye(5, dtype=A.dtype)
+    G_hat = G + 0.2 * G.diagonal().mean() * torch.eye(4, dtype=G.dtype)
+    A_inv, G_inv = torch.linalg.inv(A_hat), torch.linalg.inv(G_hat)
+    if damp_costs:                                                    # exactly the OBS oracle
+        expect = [obs(W, A_hat, G_hat, mask_of(W.shape, rows=[r]))[1] for r in range(4)] + \
+                 [obs(W, A_hat, G_hat, mask_of(W.shape, cols=[c]))[1] for c in range(5)]
+    else:
+        expect = [0.5 * W[r] @ A @ W[r] / G_inv[r, r] for r in range(4)] + \
+                 [0.5 * W[:, c] @ G @ W[:, c] / A_inv[c, c] for c in range(5)]
+    assert torch.allclose(cost.double(), torch.stack(expect), rtol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,8 +13,7 @@ Without --model the runs use what benchmarks/setup.sh builds (SmolLM2-135M-Instr
 Corpus); with a --model and no text files, WikiText-2. Defaults are the CPU protocol: 32
 calibration windows of 512 tokens, seed 0, the first 64 evaluation windows.
 Rows and columns follow the paper's schedule, 1.25% a shot: LLM Surgeon and K-OBD in 24 shots to
-30%, evaluated after every 4th shot (shots 8, 16, 24 give 10, 20, 30%); LLM Surgeon with the
-authors' undamped cost forms (--no-damp-costs). The faster variants at 5% a shot are kept as
+30%, evaluated after every 4th shot (shots 8, 16, 24 give 10, 20, 30%). The faster variants at 5% a shot are kept as
 surgeon-rowcol-30-shots-6 (6 shots) and kobd-rowcol-30-shots-3 (3 shots of 10%). L-OBD takes
 one shot at 20% and one at 30%. Element runs: LLM Surgeon in the paper's 5 shots, a row at a
 time (max_correlate 1), the others in one shot.
@@ -44,7 +43,7 @@ def repo_path(path):
 GRID = {
     "dense": ["--sparsity", "0"],
     "surgeon-rowcol-30": ["--method", "surgeon", "--structure", "rowcol", "--sparsity", "0.3",
-                          "--shots", "24", "--no-damp-costs", "--eval-every", "4"],
+                          "--shots", "24", "--eval-every", "4"],
     "surgeon-rowcol-30-shots-6": ["--method", "surgeon", "--structure", "rowcol", "--sparsity", "0.3",
                           "--shots", "6", "--damp-g", "0.1", "--compact", "--eval-every", "1"],
     "surgeon-unstructured-50": ["--method", "surgeon", "--structure", "unstructured",
