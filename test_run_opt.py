@@ -410,3 +410,15 @@ def test_eval_every_k_shots_and_the_last(files, tmp_path):
                                    "0.3", "--shots", "3", "--eval-every", "2", "--skip-dense-eval"))
     assert ["ppl" in shot for shot in record["shots"]] == [False, True, True]
     assert record["ppl_pruned"] == record["shots"][-1]["ppl"]
+
+
+def test_the_readme_python_example_runs(files, tmp_path, monkeypatch, capsys):
+    """The README's example, as written, with a tiny model and text in place of OPT-125m."""
+    readme = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md")).read()
+    code = readme.split("## Use it in your own code")[1].split("```python")[1].split("```")[0]
+    line = 'name, text, seqlen = "facebook/opt-125m", "train.txt", 512'
+    assert line in code
+    code = code.replace(line, f'name, text, seqlen = {str(files / "opt")!r}, '
+                              f'{str(files / "train.txt")!r}, 16')
+    exec(compile(code, "README.md", "exec"), {})
+    assert "50.0% of the weights are zero" in capsys.readouterr().out

@@ -2,9 +2,11 @@
 of a plain forward + backward (loss.backward(), weight gradients included) over the same batches,
 in the same process. Prints both and the ratio.
 
-    python benchmarks/kfac_speed.py --model DIR --train-file TEXT --nsamples 32 --seqlen 512
+    python benchmarks/kfac_speed.py --model DIR --train-file TEXT --nsamples 8 --seqlen 512 \\
+        --json benchmarks/kfac-speed.json
 """
 import argparse
+import json
 import os
 import sys
 import time
@@ -24,6 +26,7 @@ def main():
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--repeats", type=int, default=2, help="alternating timings of each; best kept")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--json", help="write the timings and the run's provenance here")
     args = p.parse_args()
     model, tokenizer = run_opt.load(args.model, args.device)
     ids = run_opt.token_ids(tokenizer, args.train_file, "train")
@@ -54,6 +57,11 @@ def main():
     print(f"plain forward+backward: {best['plain']:.2f} s ({tokens / best['plain']:.0f} tokens/s)")
     print(f"KFAC pass:              {best['kfac']:.2f} s ({tokens / best['kfac']:.0f} tokens/s)")
     print(f"ratio KFAC / plain:     {best['kfac'] / best['plain']:.3f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"command": " ".join(sys.argv), "provenance": run_opt.provenance(),
+                       "settings": vars(args), "tokens": tokens, "seconds": best,
+                       "ratio": best["kfac"] / best["plain"]}, f, indent=1)
 
 
 if __name__ == "__main__":
