@@ -646,8 +646,8 @@ def save_stage(args, model, tokenizer, shapes, record):
 
 
 def provenance():
-    """Which code ran, where and when: the git commit (and whether the tree had uncommitted
-    changes), torch's thread count, the CPU count, the load average at the start (another job on
+    """Which code ran, where and when: the git commit (and whether its Python files had
+    uncommitted changes), torch's thread count, the CPU count, the load average at the start (another job on
     the cores shows there) and the start time."""
     def git(*cmd):
         try:
@@ -656,7 +656,7 @@ def provenance():
         except (OSError, subprocess.SubprocessError):
             return ""
     return {"commit": git("rev-parse", "HEAD") or None,
-            "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+            "dirty": bool(git("status", "--porcelain", "--untracked-files=no", "--", "*.py")),
             "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
             "load_average": [round(x, 2) for x in os.getloadavg()],
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
