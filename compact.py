@@ -5,6 +5,9 @@ in Llama; attention is q/k/v_proj with o_proj or out_proj and a head_dim attribu
 
 "Dead" means: removing it changes no output of the model.
 """
+import json
+import os
+
 import torch
 import torch.nn as nn
 
@@ -14,9 +17,6 @@ from surgeon import get_matrix, prunable_layers
 def _all_zero(x: torch.Tensor) -> torch.Tensor:
     """(k, ...) -> (k,): True where the slice x[i] is all zero."""
     return x.reshape(len(x), -1).eq(0).all(1)
-@torch.no_grad()
-
-
 @torch.no_grad()
 def _keep(layer: nn.Linear, rows=None, cols=None):
     """Shrink a layer in place to the kept output rows / input columns."""
@@ -124,3 +124,56 @@ def resize(model: nn.Module, spec: dict):
     for name, attrs in spec["heads"].items():
         for k, value in attrs.items():
             setattr(model.get_submodule(name), k, value)
+
+
+# The saved format: a Hugging Face folder whose compact.json holds the shapes, and whose
+# config.json names another model_type, so that plain from_pretrained (which would build the
+# dense shapes) stops with a message that names the loader.
+
+
+COMPACT = "compact.json"
+
+
+def is_compacted(folder) -> bool:
+    return os.path.isfile(os.path.join(folder, COMPACT))
+
+
+def save(model, tokenizer, folder, shapes):
+    """save_pretrained, plus compact.json with the shapes (from `compact`) that `load` rebuilds."""
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    path = os.path.join(folder, "config.json")
+    with open(path) as f:
+        config = json.load(f)
+    with open(os.path.join(folder, COMPACT), "w") as f:
+        json.dump({"model_type": config["model_type"], **shapes}, f)
+    config["model_type"] = (f"{config['model_type']}-compacted; load with "
+                            "run_opt.load(folder) or compact.load(folder) of llm-surgeon")
+    with open(path, "w") as f:
+        json.dump(config, f, indent=1)
+
+
+def load(folder):
+    """The compacted model of a folder that `save` wrote, in float32."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+    with open(os.path.join(folder, COMPACT)) as f:
+        spec = json.load(f)
+    with open(os.path.join(folder, "config.json")) as f:
+        config = json.load(f)
+    config.pop("model_type")
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(spec["model_type"], **config),
+                                             dtype=torch.float32)
+    resize(model, spec)
+    state = {}
+    for file in sorted(os.listdir(folder)):
+        if file.endswith(".safetensors"):
+            state.update(load_file(os.path.join(folder, file)))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    head = [n for n, m in model.named_modules() if m is model.get_output_embeddings()]
+    tied = {f"{head[0]}.weight"} if model.config.tie_word_embeddings and head else set()
+    if unexpected or set(missing) - tied:
+        raise ValueError(f"{folder} does not match its {COMPACT}: missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}")
+    model.tie_weights()
+    return model

@@ -12,7 +12,6 @@ import atexit
 import ctypes
 import functools
 import gc
-from contextlib import contextmanager
 import json
 import math
 import os
@@ -25,6 +24,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
+from dataclasses import fields
 
 import torch
 
@@ -32,6 +33,29 @@ import compact as compaction
 import surgeon
 
 WIKITEXT = ("Salesforce/wikitext", "wikitext-2-raw-v1")
+
+
+# ----------------------------------------------------------------------------------------------
+# The command line, in the order `run` calls what follows
+
+
+DEFAULT = surgeon.Settings()          # the method's defaults are Settings'; the flags read them
+
+
+def main(argv=None):
+    return command_line(run, argv)
+
+
+def command_line(run, argv=None):
+    """run(argv), with errors as one `error:` line (exit 2) and Ctrl-C as one line (exit 130)."""
+    try:
+        return run(argv)
+    except Failure as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except (Interrupted, KeyboardInterrupt) as err:
+        print(f"interrupted{': ' if str(err) else ''}{err}", file=sys.stderr)
+        sys.exit(130)
 
 
 class Failure(Exception):
@@ -44,6 +68,75 @@ class Interrupted(Exception):
 
 def fail(message):
     raise Failure(message)
+
+
+def run(argv=None):
+    args = parse_args(argv)
+    device, settings = validate(args)
+    record = new_record(args, settings, device)
+    with stage(record, "data", device):            # the text is checked before the model loads
+        tokenizer, context = load_tokenizer(args.model)
+        test, calib = load_data(args, tokenizer, context)
+    with stage(record, "load", device):
+        model, layers = load_stage(args, device, record)
+        calib = [w.to(device) for w in calib]
+        release_memory()
+        if args.sparsity > 0:
+            try:
+                surgeon.check(settings, layers, calib)
+            except ValueError as err:
+                fail(str(err))
+    compact = args.compact and args.sparsity > 0 and args.structure == "rowcol"
+    if args.compact and args.structure != "rowcol":
+        print(f"--compact: nothing to compact, {args.structure} pruning leaves no whole rows or "
+              "columns; the zeros stay in place")
+    if compact:
+        batch = torch.cat(test[:8]).to(device)
+        with stage(record, "latency_dense", device):
+            record["latency_ms_dense"] = latency_ms(model, batch)
+        print(f"forward latency, batch {tuple(batch.shape)}: {record['latency_ms_dense']:.0f} ms")
+    record["ppl_dense"] = None
+    if args.sparsity == 0 or not args.skip_dense_eval:
+        with stage(record, "eval_dense", device):
+            record["ppl_dense"] = perplexity(model, test, device, "eval dense")
+        print(f"{'perplexity' if args.sparsity == 0 else 'dense perplexity'}: "
+              f"{record['ppl_dense']:.2f}")
+    record.update(ppl_pruned=record["ppl_dense"], sparsity=record["sparsity_before"],
+                  layers=surgeon.layer_sparsity(layers), shots=[])
+    if args.sparsity > 0:
+        with stage(record, "prune", device):
+            report = prune_stage(args, settings, model, layers, calib, test, device)
+        with stage(record, "eval_pruned", device):
+            last = report["shots"][-1] if report["shots"] else {}
+            record["ppl_pruned"] = last["ppl"] if "ppl" in last else \
+                perplexity(model, test, device, "eval pruned")     # evaluated after its last shot
+        record.update(sparsity=report["sparsity"], layers=report["layers"], shots=report["shots"])
+        if report["first_shot"] > 1:             # "prune" above timed only this process's shots
+            record["resumed"] = {"from_shot": report["first_shot"],
+                                 "prune_seconds_all_shots": round(sum(
+                                     sum(shot["seconds"].values()) for shot in report["shots"]), 2)}
+        print_pruned(record, layers)
+    shapes = None
+    if compact:
+        with stage(record, "compact", device):
+            shapes = compact_stage(model, test, batch, device, record)
+    if args.save:
+        with stage(record, "save", device):
+            save_stage(args, model, tokenizer, shapes, record)
+    print("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in record["seconds"].items())
+          + f"; peak memory {max(record['peak_memory_mb'].values()):.0f} MB")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(record, f, indent=1)
+    if args.checkpoint and args.sparsity > 0:
+        path = os.path.join(args.checkpoint, CHECKPOINT)
+        print(f"checkpoint of the last shot kept in {path} ({os.path.getsize(path) / 2**20:.0f} "
+              "MB); delete it when the run is no longer needed")
+    return record
+
+
+# ----------------------------------------------------------------------------------------------
+# Arguments
 
 
 class Help(argparse.HelpFormatter):
@@ -72,6 +165,10 @@ def _number(kind, ok, wanted):
 
 
 fraction = _number(float, lambda v: 0 <= v < 1, "in [0, 1)")
+positive = _number(int, lambda v: v >= 1, "a positive integer")
+count = _number(int, lambda v: v >= 0, "an integer >= 0")
+nonnegative = _number(float, lambda v: v >= 0, "a finite number >= 0")
+positive_float = _number(float, lambda v: v > 0, "a finite number > 0")
 
 
 def structure(text):
@@ -79,13 +176,6 @@ def structure(text):
         return surgeon.structure_of(text).name
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
-positive = _number(int, lambda v: v >= 1, "a positive integer")
-count = _number(int, lambda v: v >= 0, "an integer >= 0")
-nonnegative = _number(float, lambda v: v >= 0, "a finite number >= 0")
-positive_float = _number(float, lambda v: v > 0, "a finite number > 0")
-
-
-DEFAULT = surgeon.Settings()          # the method's defaults are Settings'; the flags read them
 
 
 def parse_args(argv=None):
@@ -108,7 +198,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration windows")
     p.add_argument("--train-file", help="local text for calibration (default: WikiText-2 train)")
     p.add_argument("--test-file", help="local text for evaluation (default: WikiText-2 test)")
-    p.add_argument("--eval-windows", type=positive, help="evaluate only the first N windows (default: all)")
+    p.add_argument("--eval-windows", type=positive,
+                   help="evaluate only the first N windows (default: all)")
     p.add_argument("--device", help="cuda or cpu (default: cuda when available, else cpu)")
     p.add_argument("--damp-a", type=nonnegative, default=DEFAULT.damp_a,
                    help="damping of A, relative to its mean diagonal")
@@ -151,248 +242,49 @@ def parse_args(argv=None):
 
 
 # ----------------------------------------------------------------------------------------------
-# Loading
-
-
-COMPACT = "compact.json"
-
-
-@contextmanager
-def loading(name):
-    """Any failure to load (unknown id, no network, broken folder) as one line."""
-    try:
-        yield
-    except Exception as err:
-        first = str(err).strip().split("\n")[0]
-        fail(f"cannot load model {name!r} ({first}). Without a hub, pass a local folder with "
-             "--model /path/to/folder")
-
-
-def load_tokenizer(name):
-    """The tokenizer and the model's context length, without loading the weights."""
-    from transformers import AutoConfig, AutoTokenizer
-    with loading(name):
-        tokenizer = AutoTokenizer.from_pretrained(name)
-        if os.path.isdir(name):                     # compacted folders too: plain JSON
-            with open(os.path.join(name, "config.json")) as f:
-                config = json.load(f)
-        else:
-            config = AutoConfig.from_pretrained(name).to_dict()
-    return tokenizer, config.get("max_position_embeddings") or 2048
-
-
-def load_model(name, device="cpu", device_map=None):
-    """The model in float32, compacted folders included. With a device map, accelerate places
-    the model (weights offloaded to disk go to a temporary folder)."""
-    from transformers import AutoModelForCausalLM
-    with loading(name):
-        if os.path.isfile(os.path.join(name, COMPACT)):
-            model = load_compact(name)
-        elif device_map:
-            offload = tempfile.mkdtemp(prefix="llm-surgeon-offload-")
-            atexit.register(shutil.rmtree, offload, ignore_errors=True)
-            model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32,
-                                                         device_map=device_map,
-                                                         offload_folder=offload)
-        else:
-            model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
-    model.config.use_cache = False
-    if device_map:
-        offloaded_access(model, offload)
-        return model.eval()
-    return model.to(device).eval()
-
-
-def load(name, device="cpu", device_map=None):
-    """(model, tokenizer) from a hub id or folder."""
-    return load_model(name, device, device_map), load_tokenizer(name)[0]
-
-
-def offloaded_access(model, folder):
-    """Give every layer whose weights accelerate keeps off the device (in host memory or on
-    disk, its parameters on 'meta' between calls) the read_weights/write_weights that surgeon
-    uses. Writes go to host memory in place, or to a new file in `folder` for disk weights (a
-    disk weight may be read from the model's own safetensors file, which stays untouched)."""
-    from accelerate.utils import offload_weight
-    for module in model.modules():
-        hook = getattr(module, "_hf_hook", None)
-        if not isinstance(module, torch.nn.Linear) or not getattr(hook, "offload", False):
-            continue
-        store, prefix = hook.weights_map.dataset, hook.weights_map.prefix
-
-        def read(store=store, prefix=prefix, bias=module.bias is not None):
-            return store[prefix + "weight"], store[prefix + "bias"] if bias else None
-
-        def write(weight, bias, store=store, prefix=prefix):
-            for key, value in ((prefix + "weight", weight), (prefix + "bias", bias)):
-                if value is None:
-                    continue
-                in_memory = getattr(store, "state_dict", store)              # host memory
-                if key in in_memory:
-                    in_memory[key].copy_(value)
-                else:                                                         # disk
-                    store.save_folder = store.save_folder or folder
-                    offload_weight(value.detach().cpu(), key, store.save_folder, store.index)
-        module.read_weights, module.write_weights = read, write
-
-
-def save_compact(model, tokenizer, folder, shapes):
-    """save_pretrained, plus the shapes that `load_compact` rebuilds. config.json's model_type
-    is renamed so that plain from_pretrained, which would build the dense shapes, stops with a
-    message that names the loader."""
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    path = os.path.join(folder, "config.json")
-    with open(path) as f:
-        config = json.load(f)
-    with open(os.path.join(folder, COMPACT), "w") as f:
-        json.dump({"model_type": config["model_type"], **shapes}, f)
-    config["model_type"] = (f"{config['model_type']}-compacted; load with "
-                            "run_opt.load(folder) from github llm-surgeon")
-    with open(path, "w") as f:
-        json.dump(config, f, indent=1)
-
-
-def load_compact(folder):
-    from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForCausalLM
-    with open(os.path.join(folder, COMPACT)) as f:
-        spec = json.load(f)
-    with open(os.path.join(folder, "config.json")) as f:
-        config = json.load(f)
-    config.pop("model_type")
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(spec["model_type"], **config),
-                                             dtype=torch.float32)
-    compaction.resize(model, spec)
-    state = {}
-    for file in sorted(os.listdir(folder)):
-        if file.endswith(".safetensors"):
-            state.update(load_file(os.path.join(folder, file)))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    head = [n for n, m in model.named_modules() if m is model.get_output_embeddings()]
-    tied = {f"{head[0]}.weight"} if model.config.tie_word_embeddings and head else set()
-    if unexpected or set(missing) - tied:
-        raise ValueError(f"{folder} does not match its {COMPACT}: missing {missing[:3]}, "
-                         f"unexpected {unexpected[:3]}")
-    model.tie_weights()
-    return model
-
-
-@functools.lru_cache(maxsize=2)             # read once: checked before loading, used after
-def read_text(path):
-    try:
-        with open(path, encoding="utf-8") as f:
-            return f.read()
-    except OSError as err:
-        fail(f"cannot read {path}: {err.strerror}")
-    except UnicodeDecodeError as err:
-        fail(f"cannot read {path}: not UTF-8 text (byte {err.start})")
-
-
-def token_ids(tokenizer, path, split):
-    """One long id tensor: a local text file, or WikiText-2 joined as SparseGPT does."""
-    if path:
-        text = read_text(path)
-        return tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
-    try:
-        from datasets import load_dataset
-        data = load_dataset(*WIKITEXT, split=split)
-    except Exception as err:
-        first = str(err).strip().split("\n")[0]
-        fail(f"cannot load WikiText-2 ({first}). Without a hub, pass local text with "
-             "--train-file and --test-file")
-    joined = (" " if split == "train" else "\n\n").join(data["text"])
-    return tokenizer(joined, return_tensors="pt").input_ids[0]
-
-
-def calibration_windows(ids, nsamples, seqlen, seed, source):
-    if len(ids) <= seqlen:
-        fail(f"{source} has {len(ids)} tokens; calibration windows of --seqlen {seqlen} need at "
-             f"least {seqlen + 1}")
-    rng = random.Random(seed)                       # SparseGPT's sampler
-    starts = [rng.randint(0, len(ids) - seqlen - 1) for _ in range(nsamples)]
-    return [ids[i:i + seqlen][None] for i in starts]
-
-
-def eval_windows(ids, seqlen, limit, source):
-    n = len(ids) // seqlen                          # non-overlapping, tail dropped
-    if n == 0:
-        fail(f"{source} has {len(ids)} tokens, fewer than one evaluation window of --seqlen "
-             f"{seqlen}")
-    return [ids[i * seqlen:(i + 1) * seqlen][None] for i in range(min(n, limit or n))]
-
-
-# ----------------------------------------------------------------------------------------------
-# Measuring
-
-
-@torch.no_grad()
-def perplexity(model, windows, device, desc="eval"):
-    """exp of the mean over windows of each window's mean next-token NLL."""
-    from tqdm import tqdm
-    nll = [float(surgeon.next_token_loss(model, w.to(device)))
-           for w in tqdm(windows, desc=desc, leave=False, file=sys.stderr)]
-    return math.exp(sum(nll) / len(nll))
-
-
-@torch.no_grad()
-def latency_ms(model, batch, runs=5):
-    """Median wall time of a forward pass over `batch`, after one warm-up run."""
-    sync = torch.cuda.synchronize if batch.is_cuda else (lambda: None)
-    times = []
-    for _ in range(runs + 1):
-        sync()
-        tic = time.perf_counter()
-        model(batch)
-        sync()
-        times.append(1000 * (time.perf_counter() - tic))
-    return sorted(times[1:])[runs // 2]
-
-
-def release_memory():
-    """Hand freed memory back to the system (glibc keeps it otherwise), so that one stage's
-    temporaries (the tokenizer's, a shot's) do not stack onto the next stage's peak."""
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):                  # not glibc: nothing to do
-        pass
-
-
-def peak_memory_mb(device):
-    if str(device).startswith("cuda"):
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024     # Linux: KiB
-
-
-def sparsity_table(layers: dict[str, float]) -> str:
-    """Blocks as rows, layer kinds (q_proj, fc1, ...) as columns, percent zero."""
-    grid, kinds = {}, []
-    for name, value in layers.items():
-        block = re.search(r"\.(\d+)\.", name)
-        kind = name.split(".")[-1]
-        kinds += [kind] if kind not in kinds else []
-        grid.setdefault(block.group(1) if block else "-", {})[kind] = value
-    width = [max(8, len(k)) for k in kinds]
-    lines = ["block " + " ".join(f"{k:>{w}}" for k, w in zip(kinds, width))]
-    for block, row in grid.items():
-        lines.append(f"{block:>5} " + " ".join(
-            f"{100 * row[k]:{w - 1}.1f}%" if k in row else " " * w for k, w in zip(kinds, width)))
-    return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------------------------
-
-
-# ----------------------------------------------------------------------------------------------
-# Checks before the long work: every input a user types is checked before the model is loaded.
+# Checks: everything a user types is checked before the model loads
 
 
 SAVED = "run_opt.json"              # marks a --save folder as this program's output
 CHECKPOINT = "checkpoint.pt"
-RESULT_SETTINGS = ("model", "sparsity", "structure", "method", "shots", "nsamples", "seqlen",
-                   "seed", "train_file", "damp_a", "damp_g", "damp_costs", "max_correlate", "lora_steps",
-                   "lora_rank", "lora_lr")          # what a resumed run must share
+RESULT_SETTINGS = ("model", "nsamples", "seqlen", "seed", "train_file",       # what a resumed
+                   *(f.name for f in fields(surgeon.Settings)                 # run must share
+                     if f.name != "curvature_device"))
+
+
+def validate(args):
+    """The device and settings, after checking everything that needs no model."""
+    settings = surgeon.Settings(**{f.name: getattr(args, f.name) for f in fields(surgeon.Settings)})
+    try:
+        surgeon.check(settings)
+        device = surgeon.check_device(args.device or ("cuda" if torch.cuda.is_available()
+                                                      else "cpu"))
+    except ValueError as err:
+        fail(str(err))
+    if local_path(args.model) and not os.path.isdir(os.path.expanduser(args.model)):
+        fail(f"--model {args.model}: no such folder")
+    for path in (args.train_file, args.test_file):
+        if path:
+            read_text(path)
+    if args.device_map:
+        args.device_map = device_map(args.device_map)
+    if args.json:
+        writable_file(args.json, "--json")
+    if args.save:
+        writable_folder(args.save, "--save", SAVED)
+    if args.resume and not args.checkpoint:
+        fail("--resume needs --checkpoint DIR")
+    if args.checkpoint:
+        writable_folder(args.checkpoint, "--checkpoint", CHECKPOINT)
+        there = os.path.exists(os.path.join(args.checkpoint, CHECKPOINT))
+        if args.resume and not there:
+            fail(f"--resume: no checkpoint in {args.checkpoint}")
+        if args.resume:
+            open_checkpoint(args.checkpoint, args, settings)
+        if there and not args.resume:
+            fail(f"{args.checkpoint} holds a checkpoint; pass --resume to continue that run, or "
+                 "choose another folder")
+    return device, settings
 
 
 def writable_file(path, what):
@@ -455,49 +347,292 @@ def device_map(value):
     return mapping
 
 
-def validate(args):
-    """The device and settings, after checking everything that needs no model."""
-    settings = surgeon.Settings(
-        sparsity=args.sparsity, structure=args.structure, method=args.method, shots=args.shots,
-        damp_a=args.damp_a, damp_g=args.damp_g, damp_costs=args.damp_costs,
-        max_correlate=args.max_correlate,
-        curvature_device=args.curvature_device, lora_steps=args.lora_steps,
-        lora_rank=args.lora_rank, lora_lr=args.lora_lr)
+@functools.lru_cache(maxsize=2)             # read once: checked before loading, used after
+def read_text(path):
     try:
-        surgeon.check(settings)
-        device = surgeon.check_device(args.device or ("cuda" if torch.cuda.is_available()
-                                                      else "cpu"))
-    except ValueError as err:
-        fail(str(err))
-    if local_path(args.model) and not os.path.isdir(os.path.expanduser(args.model)):
-        fail(f"--model {args.model}: no such folder")
-    for path in (args.train_file, args.test_file):
-        if path:
-            read_text(path)
-    if args.device_map:
-        args.device_map = device_map(args.device_map)
-    if args.json:
-        writable_file(args.json, "--json")
-    if args.save:
-        writable_folder(args.save, "--save", SAVED)
-    if args.resume and not args.checkpoint:
-        fail("--resume needs --checkpoint DIR")
-    if args.checkpoint:
-        writable_folder(args.checkpoint, "--checkpoint", CHECKPOINT)
-        there = os.path.exists(os.path.join(args.checkpoint, CHECKPOINT))
-        if args.resume and not there:
-            fail(f"--resume: no checkpoint in {args.checkpoint}")
-        if args.resume:
-            open_checkpoint(args.checkpoint, args, settings)
-        if there and not args.resume:
-            fail(f"{args.checkpoint} holds a checkpoint; pass --resume to continue that run, or "
-                 "choose another folder")
-    return device, settings
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except OSError as err:
+        fail(f"cannot read {path}: {err.strerror}")
+    except UnicodeDecodeError as err:
+        fail(f"cannot read {path}: not UTF-8 text (byte {err.start})")
 
 
 # ----------------------------------------------------------------------------------------------
-# Checkpoints: written after every shot to a temporary name, then renamed, so that a kill at any
-# moment leaves the last complete one.
+# The record: settings, provenance, seconds and peak memory of every stage
+
+
+def new_record(args, settings, device):
+    import transformers
+    transformers.utils.logging.disable_progress_bar()
+    return {"settings": {**vars(args), "shots": settings.shots, "device": str(device)},
+            "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                         "transformers": transformers.__version__},
+            "provenance": provenance(),
+            "seconds": {}, "peak_memory_mb": {}}
+
+
+def provenance():
+    """Which code ran, where and when: the git commit (and whether its Python files had
+    uncommitted changes), torch's thread count, the CPU count, the load average at the start
+    (another job on the cores shows there) and the start time."""
+    def git(*cmd):
+        try:
+            return subprocess.run(["git", *cmd], cwd=os.path.dirname(os.path.abspath(__file__)),
+                                  capture_output=True, text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+    return {"commit": git("rev-parse", "HEAD") or None,
+            "dirty": bool(git("status", "--porcelain", "--untracked-files=no", "--", "*.py")),
+            "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+            "load_average": [round(x, 2) for x in os.getloadavg()],
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+@contextmanager
+def stage(record, name, device):
+    """Seconds and peak memory of one stage, into the record."""
+    with surgeon.timed(record["seconds"], name):
+        yield
+    record["seconds"][name] = round(record["seconds"][name], 2)
+    record["peak_memory_mb"][name] = round(peak_memory_mb(device), 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: local text or WikiText-2, tokenized once, cut into windows as SparseGPT does
+
+
+def load_tokenizer(name):
+    """The tokenizer and the model's context length, without loading the weights."""
+    from transformers import AutoConfig, AutoTokenizer
+    with loading(name):
+        tokenizer = AutoTokenizer.from_pretrained(name)
+        if os.path.isdir(name):                     # compacted folders too: plain JSON
+            with open(os.path.join(name, "config.json")) as f:
+                config = json.load(f)
+        else:
+            config = AutoConfig.from_pretrained(name).to_dict()
+    return tokenizer, config.get("max_position_embeddings") or 2048
+
+
+def load_data(args, tokenizer, context):
+    """Evaluation windows, and calibration windows where pruning needs them (on the CPU)."""
+    if args.seqlen and args.seqlen > context:
+        fail(f"--seqlen {args.seqlen} is longer than the model's context ({context})")
+    seqlen = args.seqlen or min(2048, context)
+    source = args.test_file or "WikiText-2 test"
+    test = eval_windows(token_ids(tokenizer, args.test_file, "test"), seqlen, args.eval_windows,
+                        source)
+    print(f"evaluation: {len(test)} windows of {seqlen} tokens from {source}")
+    calib = []
+    if args.sparsity > 0 and (args.method != "magnitude" or args.lora_steps):
+        source = args.train_file or "WikiText-2 train"
+        calib = calibration_windows(token_ids(tokenizer, args.train_file, "train"),
+                                    args.nsamples, seqlen, args.seed, source)
+        print(f"calibration: {len(calib)} windows of {seqlen} tokens from {source}, "
+              f"seed {args.seed}")
+    return test, calib
+
+
+def token_ids(tokenizer, path, split):
+    """One long id tensor: a local text file, or WikiText-2 joined as SparseGPT does."""
+    if path:
+        text = read_text(path)
+        return tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
+    try:
+        from datasets import load_dataset
+        data = load_dataset(*WIKITEXT, split=split)
+    except Exception as err:
+        first = str(err).strip().split("\n")[0]
+        fail(f"cannot load WikiText-2 ({first}). Without a hub, pass local text with "
+             "--train-file and --test-file")
+    joined = (" " if split == "train" else "\n\n").join(data["text"])
+    return tokenizer(joined, return_tensors="pt").input_ids[0]
+
+
+def eval_windows(ids, seqlen, limit, source):
+    n = len(ids) // seqlen                          # non-overlapping, tail dropped
+    if n == 0:
+        fail(f"{source} has {len(ids)} tokens, fewer than one evaluation window of --seqlen "
+             f"{seqlen}")
+    return [ids[i * seqlen:(i + 1) * seqlen][None] for i in range(min(n, limit or n))]
+
+
+def calibration_windows(ids, nsamples, seqlen, seed, source):
+    if len(ids) <= seqlen:
+        fail(f"{source} has {len(ids)} tokens; calibration windows of --seqlen {seqlen} need at "
+             f"least {seqlen + 1}")
+    rng = random.Random(seed)                       # SparseGPT's sampler
+    starts = [rng.randint(0, len(ids) - seqlen - 1) for _ in range(nsamples)]
+    return [ids[i:i + seqlen][None] for i in starts]
+
+
+# ----------------------------------------------------------------------------------------------
+# The model: a hub id or a folder, on one device or across several (accelerate)
+
+
+@contextmanager
+def loading(name):
+    """Any failure to load (unknown id, no network, broken folder) as one line."""
+    try:
+        yield
+    except Exception as err:
+        first = str(err).strip().split("\n")[0]
+        fail(f"cannot load model {name!r} ({first}). Without a hub, pass a local folder with "
+             "--model /path/to/folder")
+
+
+def load_stage(args, device, record):
+    model = load_model(args.model, device, args.device_map)
+    layers = surgeon.prunable_layers(model)
+    total = sum(layer.weight.numel() for layer in layers.values())
+    record["params_dense"] = sum(p.numel() for p in model.parameters())
+    record["sparsity_before"] = surgeon.overall_sparsity(layers)
+    print(f"model {args.model}: {record['params_dense'] / 1e6:.1f}M parameters, {len(layers)} "
+          f"prunable layers ({total / 1e6:.1f}M weights, {record['sparsity_before']:.2%} zero), "
+          f"on {device}")
+    return model, layers
+
+
+def load_model(name, device="cpu", device_map=None):
+    """The model in float32, compacted folders included. With a device map, accelerate places
+    the model (weights offloaded to disk go to a temporary folder)."""
+    from transformers import AutoModelForCausalLM
+    with loading(name):
+        if compaction.is_compacted(name):
+            model = compaction.load(name)
+        elif device_map:
+            offload = tempfile.mkdtemp(prefix="llm-surgeon-offload-")
+            atexit.register(shutil.rmtree, offload, ignore_errors=True)
+            model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32,
+                                                         device_map=device_map,
+                                                         offload_folder=offload)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
+    model.config.use_cache = False
+    if device_map:
+        offloaded_access(model, offload)
+        return model.eval()
+    return model.to(device).eval()
+
+
+def load(name, device="cpu", device_map=None):
+    """(model, tokenizer) from a hub id or folder."""
+    return load_model(name, device, device_map), load_tokenizer(name)[0]
+
+
+def offloaded_access(model, folder):
+    """Give every layer whose weights accelerate keeps off the device (in host memory or on
+    disk, its parameters on 'meta' between calls) the read_weights/write_weights that surgeon
+    uses. Writes go to host memory in place, or to a new file in `folder` for disk weights (a
+    disk weight may be read from the model's own safetensors file, which stays untouched)."""
+    from accelerate.utils import offload_weight
+    for module in model.modules():
+        hook = getattr(module, "_hf_hook", None)
+        if not isinstance(module, torch.nn.Linear) or not getattr(hook, "offload", False):
+            continue
+        store, prefix = hook.weights_map.dataset, hook.weights_map.prefix
+
+        def read(store=store, prefix=prefix, bias=module.bias is not None):
+            return store[prefix + "weight"], store[prefix + "bias"] if bias else None
+
+        def write(weight, bias, store=store, prefix=prefix):
+            for key, value in ((prefix + "weight", weight), (prefix + "bias", bias)):
+                if value is None:
+                    continue
+                in_memory = getattr(store, "state_dict", store)              # host memory
+                if key in in_memory:
+                    in_memory[key].copy_(value)
+                else:                                                         # disk
+                    store.save_folder = store.save_folder or folder
+                    offload_weight(value.detach().cpu(), key, store.save_folder, store.index)
+        module.read_weights, module.write_weights = read, write
+
+
+# ----------------------------------------------------------------------------------------------
+# Measuring
+
+
+@torch.no_grad()
+def latency_ms(model, batch, runs=5):
+    """Median wall time of a forward pass over `batch`, after one warm-up run."""
+    sync = torch.cuda.synchronize if batch.is_cuda else (lambda: None)
+    times = []
+    for _ in range(runs + 1):
+        sync()
+        tic = time.perf_counter()
+        model(batch)
+        sync()
+        times.append(1000 * (time.perf_counter() - tic))
+    return sorted(times[1:])[runs // 2]
+
+
+@torch.no_grad()
+def perplexity(model, windows, device, desc="eval"):
+    """exp of the mean over windows of each window's mean next-token NLL."""
+    from tqdm import tqdm
+    nll = [float(surgeon.next_token_loss(model, w.to(device)))
+           for w in tqdm(windows, desc=desc, leave=False, file=sys.stderr)]
+    return math.exp(sum(nll) / len(nll))
+
+
+def peak_memory_mb(device):
+    if str(device).startswith("cuda"):
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024     # Linux: KiB
+
+
+def release_memory():
+    """Hand freed memory back to the system (glibc keeps it otherwise), so that one stage's
+    temporaries (the tokenizer's, a shot's) do not stack onto the next stage's peak."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):                  # not glibc: nothing to do
+        pass
+
+
+# ----------------------------------------------------------------------------------------------
+# Pruning, with a checkpoint after every shot: written to a temporary name, then renamed, so that
+# a kill at any moment leaves the last complete one
+
+
+def prune_stage(args, settings, model, layers, calib, test, device):
+    """surgeon.prune with progress, per-shot lines, checkpoints and resume."""
+    from tqdm import tqdm
+    first, shots = 1, []
+    if args.resume:
+        first, shots = read_checkpoint(args.checkpoint, args, settings, layers)
+        print(f"resuming from {args.checkpoint} after shot {first - 1}")
+    print(f"pruning {args.sparsity:.0%} {args.structure} with {args.method}, "
+          f"{settings.shots} shot{'s' if settings.shots > 1 else ''}")
+
+    def on_shot(shot):
+        if args.eval_every and (shot["shot"] % args.eval_every == 0
+                                or shot["shot"] == settings.shots):
+            shot["ppl"] = perplexity(model, test, device, f"eval shot {shot['shot']}")
+        shots.append(shot)
+        release_memory()
+        if args.checkpoint:
+            tic = time.perf_counter()
+            write_checkpoint(args.checkpoint, args, settings, layers, shots)
+            shot["seconds"]["checkpoint"] = time.perf_counter() - tic
+        tqdm.write(f"shot {shot['shot']}/{settings.shots}: sparsity {shot['sparsity']:.4f}  "
+                   + "  ".join(f"{k} {v:.1f}s" for k, v in shot["seconds"].items())
+                   + (f"  ppl {shot['ppl']:.2f}" if "ppl" in shot else ""))
+
+    progress = lambda it, desc: tqdm(it, desc=desc, leave=False, file=sys.stderr)
+    try:
+        report = surgeon.prune(model, calib, settings, on_shot=on_shot, progress=progress,
+                               first_shot=first)
+    except ValueError as err:
+        fail(f"{err} {' '.join(getattr(err, '__notes__', []))}".strip())
+    except KeyboardInterrupt:
+        raise Interrupted(
+            f"the last checkpoint is in {args.checkpoint} (after shot {shots[-1]['shot']}); "
+            "run the same command with --resume to go on" if args.checkpoint and shots else
+            "no checkpoint was written (--checkpoint DIR keeps one after every shot)") from None
+    return {**report, "shots": shots, "first_shot": first}
 
 
 def result_settings(args, settings):
@@ -537,74 +672,31 @@ def read_checkpoint(folder, args, settings, layers):
 
 
 # ----------------------------------------------------------------------------------------------
-# The stages of a run
+# Reporting and saving
 
 
-@contextmanager
-def stage(record, name, device):
-    """Seconds and peak memory of one stage, into the record."""
-    tic = time.perf_counter()
-    yield
-    record["seconds"][name] = round(time.perf_counter() - tic, 2)
-    record["peak_memory_mb"][name] = round(peak_memory_mb(device), 1)
+def print_pruned(record, layers):
+    total = sum(layer.weight.numel() for layer in layers.values())
+    print("sparsity per layer (percent zero):\n" + sparsity_table(record["layers"]))
+    print(f"sparsity: {record['sparsity']:.4f} of {total / 1e6:.1f}M weights")
+    dense = "not evaluated" if record["ppl_dense"] is None else f"{record['ppl_dense']:.2f}"
+    print(f"perplexity: dense {dense} -> pruned {record['ppl_pruned']:.2f}")
 
 
-def load_data(args, tokenizer, context):
-    """Evaluation windows, and calibration windows where pruning needs them (on the CPU)."""
-    if args.seqlen and args.seqlen > context:
-        fail(f"--seqlen {args.seqlen} is longer than the model's context ({context})")
-    seqlen = args.seqlen or min(2048, context)
-    source = args.test_file or "WikiText-2 test"
-    test = eval_windows(token_ids(tokenizer, args.test_file, "test"), seqlen, args.eval_windows,
-                        source)
-    print(f"evaluation: {len(test)} windows of {seqlen} tokens from {source}")
-    calib = []
-    if args.sparsity > 0 and (args.method != "magnitude" or args.lora_steps):
-        source = args.train_file or "WikiText-2 train"
-        calib = calibration_windows(token_ids(tokenizer, args.train_file, "train"),
-                                    args.nsamples, seqlen, args.seed, source)
-        print(f"calibration: {len(calib)} windows of {seqlen} tokens from {source}, "
-              f"seed {args.seed}")
-    return test, calib
-
-
-def prune_stage(args, settings, model, calib, test, device):
-    """surgeon.prune with progress, per-shot lines, checkpoints and resume."""
-    from tqdm import tqdm
-    layers = surgeon.prunable_layers(model)
-    first, shots = 1, []
-    if args.resume:
-        first, shots = read_checkpoint(args.checkpoint, args, settings, layers)
-        print(f"resuming from {args.checkpoint} after shot {first - 1}")
-    print(f"pruning {args.sparsity:.0%} {args.structure} with {args.method}, "
-          f"{settings.shots} shot{'s' if settings.shots > 1 else ''}")
-
-    def on_shot(shot):
-        if args.eval_every and (shot["shot"] % args.eval_every == 0
-                                or shot["shot"] == settings.shots):
-            shot["ppl"] = perplexity(model, test, device, f"eval shot {shot['shot']}")
-        shots.append(shot)
-        release_memory()
-        if args.checkpoint:
-            tic = time.perf_counter()
-            write_checkpoint(args.checkpoint, args, settings, layers, shots)
-            shot["seconds"]["checkpoint"] = time.perf_counter() - tic
-        tqdm.write(f"shot {shot['shot']}/{settings.shots}: sparsity {shot['sparsity']:.4f}  "
-                   + "  ".join(f"{k} {v:.1f}s" for k, v in shot["seconds"].items())
-                   + (f"  ppl {shot['ppl']:.2f}" if "ppl" in shot else ""))
-
-    progress = lambda it, desc: tqdm(it, desc=desc, leave=False, file=sys.stderr)
-    try:
-        report = surgeon.prune(model, calib, settings, on_shot=on_shot, progress=progress,
-                               first_shot=first)
-    except ValueError as err:
-        fail(f"{err} {' '.join(getattr(err, '__notes__', []))}".strip())
-    except KeyboardInterrupt:
-        raise Interrupted(
-            f"the last checkpoint is in {args.checkpoint} (after shot {shots[-1]['shot']}); "
-            "run the same command with --resume to go on" if args.checkpoint and shots else
-            "no checkpoint was written (--checkpoint DIR keeps one after every shot)") from None
-    return {**report, "shots": shots, "first_shot": first}
+def sparsity_table(layers: dict[str, float]) -> str:
+    """Blocks as rows, layer kinds (q_proj, fc1, ...) as columns, percent zero."""
+    grid, kinds = {}, []
+    for name, value in layers.items():
+        block = re.search(r"\.(\d+)\.", name)
+        kind = name.split(".")[-1]
+        kinds += [kind] if kind not in kinds else []
+        grid.setdefault(block.group(1) if block else "-", {})[kind] = value
+    width = [max(8, len(k)) for k in kinds]
+    lines = ["block " + " ".join(f"{k:>{w}}" for k, w in zip(kinds, width))]
+    for block, row in grid.items():
+        lines.append(f"{block:>5} " + " ".join(
+            f"{100 * row[k]:{w - 1}.1f}%" if k in row else " " * w for k, w in zip(kinds, width)))
+    return "\n".join(lines)
 
 
 def compact_stage(model, test, batch, device, record):
@@ -626,143 +718,15 @@ def compact_stage(model, test, batch, device, record):
     return report["shapes"]
 
 
-def print_pruned(record, layers):
-    total = sum(layer.weight.numel() for layer in layers.values())
-    print("sparsity per layer (percent zero):\n" + sparsity_table(record["layers"]))
-    print(f"sparsity: {record['sparsity']:.4f} of {total / 1e6:.1f}M weights")
-    dense = "not evaluated" if record["ppl_dense"] is None else f"{record['ppl_dense']:.2f}"
-    print(f"perplexity: dense {dense} -> pruned {record['ppl_pruned']:.2f}")
-
-
 def save_stage(args, model, tokenizer, shapes, record):
     if shapes:
-        save_compact(model, tokenizer, args.save, shapes)
+        compaction.save(model, tokenizer, args.save, shapes)
     else:
         model.save_pretrained(args.save)
         tokenizer.save_pretrained(args.save)
     with open(os.path.join(args.save, SAVED), "w") as f:
         json.dump({"settings": record["settings"], "ppl_pruned": record["ppl_pruned"]}, f)
     print(f"saved to {args.save}")
-
-
-def provenance():
-    """Which code ran, where and when: the git commit (and whether its Python files had
-    uncommitted changes), torch's thread count, the CPU count, the load average at the start (another job on
-    the cores shows there) and the start time."""
-    def git(*cmd):
-        try:
-            return subprocess.run(["git", *cmd], cwd=os.path.dirname(os.path.abspath(__file__)),
-                                  capture_output=True, text=True, timeout=10).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return ""
-    return {"commit": git("rev-parse", "HEAD") or None,
-            "dirty": bool(git("status", "--porcelain", "--untracked-files=no", "--", "*.py")),
-            "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
-            "load_average": [round(x, 2) for x in os.getloadavg()],
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-
-
-def new_record(args, settings, device):
-    import transformers
-    transformers.utils.logging.disable_progress_bar()
-    return {"settings": {**vars(args), "shots": settings.shots, "device": str(device)},
-            "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                         "transformers": transformers.__version__},
-            "provenance": provenance(),
-            "seconds": {}, "peak_memory_mb": {}}
-
-
-def load_stage(args, device, record):
-    model = load_model(args.model, device, args.device_map)
-    layers = surgeon.prunable_layers(model)
-    total = sum(layer.weight.numel() for layer in layers.values())
-    record["params_dense"] = sum(p.numel() for p in model.parameters())
-    record["sparsity_before"] = surgeon.overall_sparsity(layers)
-    print(f"model {args.model}: {record['params_dense'] / 1e6:.1f}M parameters, {len(layers)} "
-          f"prunable layers ({total / 1e6:.1f}M weights, {record['sparsity_before']:.2%} zero), "
-          f"on {device}")
-    return model, layers
-
-
-def main(argv=None):
-    return command_line(run, argv)
-
-
-def command_line(run, argv=None):
-    """run(argv), with errors as one `error:` line (exit 2) and Ctrl-C as one line (exit 130)."""
-    try:
-        return run(argv)
-    except Failure as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    except (Interrupted, KeyboardInterrupt) as err:
-        print(f"interrupted{': ' if str(err) else ''}{err}", file=sys.stderr)
-        sys.exit(130)
-
-
-def run(argv=None):
-    args = parse_args(argv)
-    device, settings = validate(args)
-    record = new_record(args, settings, device)
-    with stage(record, "data", device):            # the text is checked before the model loads
-        tokenizer, context = load_tokenizer(args.model)
-        test, calib = load_data(args, tokenizer, context)
-    with stage(record, "load", device):
-        model, layers = load_stage(args, device, record)
-        calib = [w.to(device) for w in calib]
-        release_memory()
-        if args.sparsity > 0:
-            try:
-                surgeon.check(settings, layers, calib)
-            except ValueError as err:
-                fail(str(err))
-    compact = args.compact and args.sparsity > 0 and args.structure == "rowcol"
-    if args.compact and args.structure != "rowcol":
-        print(f"--compact: nothing to compact, {args.structure} pruning leaves no whole rows or "
-              "columns; the zeros stay in place")
-    if compact:
-        batch = torch.cat(test[:8]).to(device)
-        with stage(record, "latency_dense", device):
-            record["latency_ms_dense"] = latency_ms(model, batch)
-        print(f"forward latency, batch {tuple(batch.shape)}: {record['latency_ms_dense']:.0f} ms")
-    record["ppl_dense"] = None
-    if args.sparsity == 0 or not args.skip_dense_eval:
-        with stage(record, "eval_dense", device):
-            record["ppl_dense"] = perplexity(model, test, device, "eval dense")
-        print(f"{'perplexity' if args.sparsity == 0 else 'dense perplexity'}: "
-              f"{record['ppl_dense']:.2f}")
-    record.update(ppl_pruned=record["ppl_dense"], sparsity=record["sparsity_before"],
-                  layers=surgeon.layer_sparsity(layers), shots=[])
-    if args.sparsity > 0:
-        with stage(record, "prune", device):
-            report = prune_stage(args, settings, model, calib, test, device)
-        with stage(record, "eval_pruned", device):
-            last = report["shots"][-1] if report["shots"] else {}
-            record["ppl_pruned"] = last["ppl"] if "ppl" in last else \
-                perplexity(model, test, device, "eval pruned")     # evaluated after its last shot
-        record.update(sparsity=report["sparsity"], layers=report["layers"], shots=report["shots"])
-        if report["first_shot"] > 1:             # "prune" above timed only this process's shots
-            record["resumed"] = {"from_shot": report["first_shot"],
-                                 "prune_seconds_all_shots": round(sum(
-                                     sum(shot["seconds"].values()) for shot in report["shots"]), 2)}
-        print_pruned(record, layers)
-    shapes = None
-    if compact:
-        with stage(record, "compact", device):
-            shapes = compact_stage(model, test, batch, device, record)
-    if args.save:
-        with stage(record, "save", device):
-            save_stage(args, model, tokenizer, shapes, record)
-    print("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in record["seconds"].items())
-          + f"; peak memory {max(record['peak_memory_mb'].values()):.0f} MB")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(record, f, indent=1)
-    if args.checkpoint and args.sparsity > 0:
-        path = os.path.join(args.checkpoint, CHECKPOINT)
-        print(f"checkpoint of the last shot kept in {path} ({os.path.getsize(path) / 2**20:.0f} "
-              "MB); delete it when the run is no longer needed")
-    return record
 
 
 if __name__ == "__main__":
