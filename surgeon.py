@@ -96,8 +96,8 @@ def check(settings: Settings, layers=None, batches=None):
         if not (math.isfinite(value) and (value > low if strict else value >= low)):
             raise ValueError(f"{field} must be a finite number {'>' if strict else '>='} {low}, "
                              f"got {value}")
-    if isinstance(structure, NM) and cfg.sparsity > structure.n / structure.m:
-        raise ValueError(f"{structure.name} removes at most {structure.n}/{structure.m} of the "
+    if isinstance(structure, NM) and cfg.sparsity > structure.N / structure.M:
+        raise ValueError(f"{structure.name} removes at most {structure.N}/{structure.M} of the "
                          f"weights; sparsity {cfg.sparsity} cannot be met")
     if cfg.curvature_device is not None:
         check_device(cfg.curvature_device)
@@ -106,9 +106,9 @@ def check(settings: Settings, layers=None, batches=None):
     if not layers:
         raise ValueError("the model has no prunable nn.Linear layers")
     odd = [name for name, layer in layers.items()
-           if isinstance(structure, NM) and layer.in_features % structure.m]
+           if isinstance(structure, NM) and layer.in_features % structure.M]
     if odd:
-        raise ValueError(f"{structure.name} needs input widths divisible by {structure.m}; not so "
+        raise ValueError(f"{structure.name} needs input widths divisible by {structure.M}; not so "
                          f"for {odd[:3]}")
     needs_data = cfg.method != "magnitude" or cfg.lora_steps > 0
     if needs_data and cfg.sparsity > 0 and len(batches) == 0:
@@ -316,7 +316,8 @@ def assemble_factors(rec: Recorder, layers):
             A = mirror(rec.xx_sum[src]).div_(n_tokens)                          # E[x x^T]
             if layer.bias is not None:
                 mean = (rec.x_sum[src] / n_tokens)[:, None]                     # E[x]
-                A = torch.cat([torch.cat([A, mean], 1), torch.cat([mean.T, mean.new_ones(1, 1)], 1)])
+                A = torch.cat([torch.cat([A, mean], 1),
+                               torch.cat([mean.T, mean.new_ones(1, 1)], 1)])
             A_of[src] = A
         m = layer.out_features
         G = mirror(rec.gg_sum[name]).div_(n_tokens) if name in rec.gg_sum \
@@ -436,7 +437,8 @@ def column_costs(W, G, alpha):
 
 
 # ----------------------------------------------------------------------------------------------
-# 5. OBS updates (Sec. 3.3, Eq. 6): dtheta = -F^-1 E_Q [(F^-1)_QQ]^-1 theta_Q, F^-1 = G_inv (x) A_inv.
+# 5. OBS updates (Sec. 3.3, Eq. 6): dtheta = -F^-1 E_Q [(F^-1)_QQ]^-1 theta_Q with
+#    F^-1 = G_inv (x) A_inv.
 #    The OBD baselines make no update: they only zero what they remove.
 
 
@@ -462,9 +464,9 @@ def remove_elements(W, A_inv, G_inv, mask, max_correlate):
     system C_qq' = G_inv[i_q, i_q'] A_inv[j_q, j_q'] is solved in chunks of whole rows holding at
     most max_correlate removed weights, each chunk on the weights as updated by those before it;
     everything in the mask is zeroed at the end. G = I and one row a chunk is per-row OBS.
-    Chunk R's update is dW = -G_inv[:, R] M_R A_inv with M_R = C^-1 w_Q on Q (zero elsewhere).
+    Chunk R's update is dW = -G_inv[:, R] E_R A_inv with E_R = C^-1 w_Q on Q (zero elsewhere).
     Fast path (its plain version, LAZY_ROWS = 1, is the tests' oracle): as in SparseGPT, a block
-    of up to LAZY_ROWS rows collects its M's, brings each chunk's w_Q up to date from them
+    of up to LAZY_ROWS rows collects its E's, brings each chunk's w_Q up to date from them
     (through the rows A_inv[j_q], which also hold C), and updates W with two products at the end."""
     W = W.to(G_inv.dtype).clone()
     solve = mask & (G_inv.diagonal()[:, None] > 0) & (A_inv.diagonal()[None, :] > 0)
@@ -473,23 +475,23 @@ def remove_elements(W, A_inv, G_inv, mask, max_correlate):
         block = [chunks.pop(0)]
         while chunks and sum(len(R) for R in block) + len(chunks[0]) <= LAZY_ROWS:
             block.append(chunks.pop(0))
-        B = torch.tensor([i for R in block for i in R], device=W.device)       # block rows
-        G_B = G_inv[:, B]                                                       # (m, |B|)
-        M = W.new_zeros(len(B), W.shape[1])                                     # (|B|, k)
+        rows = torch.tensor([i for R in block for i in R], device=W.device)    # block rows
+        G_B = G_inv[:, rows]                                                    # (m, |B|)
+        E = W.new_zeros(len(rows), W.shape[1])                                  # (|B|, k)
         start = 0
         for R in block:
             here, start = slice(start, start + len(R)), start + len(R)
             r, j = solve[R].nonzero(as_tuple=True)                              # Q in chunk R
-            i = B[here][r]
+            i = rows[here][r]
             A_j = A_inv.index_select(0, j)                                      # (|Q|, k)
             G_ii = _submatrix(G_inv, i) if len(R) > 1 else G_inv[i[0], i[0]]    # one row: scalar
             U, info = torch.linalg.cholesky_ex(G_ii * A_j[:, j], upper=True)    # C = U^T U
             if info.item():
                 raise ValueError("correlated update is not positive definite; increase the damping")
-            V = G_B[R] @ M                                                      # (|R|, k)
+            V = G_B[R] @ E                                                      # (|R|, k)
             w = W[i, j] - (A_j @ V.T).gather(1, r[:, None])[:, 0]              # w_Q as updated
-            M[here][r, j] = torch.cholesky_solve(w[:, None], U, upper=True)[:, 0]  # C^-1 w_Q
-        W -= G_B @ (M @ A_inv)                                                  # -G_inv M A_inv
+            E[here][r, j] = torch.cholesky_solve(w[:, None], U, upper=True)[:, 0]  # C^-1 w_Q
+        W -= G_B @ (E @ A_inv)                                                  # -G_inv E A_inv
     W[mask] = 0
     return W
 
@@ -538,7 +540,8 @@ def threshold_select(costs, gains, target, zeros):
     """Fixed gains per candidate: the shortest prefix of all candidates in cost order (a stable
     sort over the layers in turn) whose gains reach `target` zeros. Fast path, a radix select on
     the float32 bit patterns (4 passes, no sort or copy of ~1e9 costs; the tests hold it against
-    the sort): the threshold t, everything below it, then ties at t in order until the target."""
+    the sort): the threshold thr, everything below it, then ties at thr in order until the
+    target."""
     forced = [c == REMOVED for c in costs]
     need = target - zeros - sum(int(gn[f].sum()) for gn, f in zip(gains, forced))
     if need <= 0:
@@ -546,24 +549,24 @@ def threshold_select(costs, gains, target, zeros):
     if sum(int(gn[~f].sum()) for gn, f in zip(gains, forced)) <= need:
         return [torch.ones_like(f) for f in forced]            # everything is not too much
     bits = [c.view(torch.int32) for c in costs]                # ordered as non-negative floats
-    t, below = 0, 0.0                                          # below: gains of bits < t
-    for shift in (24, 16, 8, 0):                               # one byte of t a pass
+    thr, below = 0, 0.0                                        # below: gains of bits < thr
+    for shift in (24, 16, 8, 0):                               # one byte of thr a pass
         hist = torch.zeros(256, dtype=torch.float64)
         for b, gn, f in zip(bits, gains, forced):
-            same = ~f if shift == 24 else ~f & ((b >> (shift + 8)) == t)
+            same = ~f if shift == 24 else ~f & ((b >> (shift + 8)) == thr)
             hist += torch.bincount((b[same] >> shift) & 255, weights=gn[same].double(),
                                    minlength=256).cpu()
         byte = int((below + hist.cumsum(0) < need).sum())      # first byte that reaches need
-        t, below = (t << 8) | byte, below + float(hist[:byte].sum())
-    taken = [f | ((b < t) & ~f) for f, b in zip(forced, bits)]
+        thr, below = (thr << 8) | byte, below + float(hist[:byte].sum())
+    taken = [f | ((b < thr) & ~f) for f, b in zip(forced, bits)]
     short = need - below
     for chosen, b, gn in zip(taken, bits, gains):              # ties at the threshold, in order
         if short <= 0:
             break
-        tie = (b == t).nonzero()[:, 0]
-        k = int((gn[tie].long().cumsum(0) < short).sum()) + 1
-        chosen[tie[:k]] = True
-        short -= int(gn[tie[:k]].sum())
+        tie = (b == thr).nonzero()[:, 0]
+        take = int((gn[tie].long().cumsum(0) < short).sum()) + 1
+        chosen[tie[:take]] = True
+        short -= int(gn[tie[:take]].sum())
     return taken
 
 
@@ -604,17 +607,17 @@ class NM(Elements):
     1/2 gamma_i w_S^T A_SS w_S (cross terms included) over all C(M, N) subsets. At N/M every group
     is taken (the most N:M allows)."""
 
-    def __init__(self, n: int, m: int):
-        self.n, self.m, self.name = n, m, f"{n}:{m}"
-        self.subsets = torch.tensor(list(itertools.combinations(range(m), n)))  # (C(M, N), N)
+    def __init__(self, N: int, M: int):
+        self.N, self.M, self.name = N, M, f"{N}:{M}"
+        self.subsets = torch.tensor(list(itertools.combinations(range(M), N)))  # (C(M, N), N)
 
     def cheapest(self, q: Quadratic, method: str):
         """(rows, n/M, M) bool: the cheapest N of every group, and (rows, n/M) their cost."""
         rows, n = len(q.W), q.n_in
-        W = q.W[:, :n].masked_fill(q.removed, 0).reshape(rows, n // self.m, self.m)
+        W = q.W[:, :n].masked_fill(q.removed, 0).reshape(rows, n // self.M, self.M)
         if method in ("kobd", "lobd"):
             S = self.subsets.to(W.device)
-            idx = torch.arange(n, device=W.device).reshape(n // self.m, self.m)[:, S]
+            idx = torch.arange(n, device=W.device).reshape(n // self.M, self.M)[:, S]
             P = q.A[idx[..., :, None], idx[..., None, :]]                  # (n/M, C, N, N)
             w = W[..., S]                                                   # (rows, n/M, C, N)
             cost, best = (0.5 * q.gamma[:, None, None] *
@@ -623,7 +626,7 @@ class NM(Elements):
         else:
             e = element_costs(W.reshape(rows, n), q.alpha[:n], q.gamma).reshape(W.shape)
             e, order = e.sort(dim=-1, stable=True)                            # ties: first index
-            cost, pick = e[..., :self.n].sum(-1), order[..., :self.n]
+            cost, pick = e[..., :self.N].sum(-1), order[..., :self.N]
         choice = torch.zeros_like(W, dtype=torch.bool).scatter_(-1, pick, True)
         return choice, cost
 
@@ -637,7 +640,7 @@ class NM(Elements):
                           gain.flatten().to(torch.uint8), choice=choice)
 
     def select(self, cands: list[Candidates], target: int, zeros: int):
-        if target >= self.n * sum(len(c.cost) for c in cands):
+        if target >= self.N * sum(len(c.cost) for c in cands):
             return [torch.ones_like(c.cost, dtype=torch.bool) for c in cands]
         return super().select(cands, target, zeros)
 
@@ -665,16 +668,16 @@ class RowCol:
         gains, start = [], 0
         for c in cands:
             m, n = c.nonzero.shape
-            r, k = (rank[start:start + m].to(c.nonzero.device),
-                    rank[start + m:start + m + n].to(c.nonzero.device))
-            later = k[None, :] > r[:, None]                                         # (m, n)
+            rank_r, rank_c = (rank[start:start + m].to(c.nonzero.device),
+                              rank[start + m:start + m + n].to(c.nonzero.device))
+            later = rank_c[None, :] > rank_r[:, None]                               # (m, n)
             gains += [(c.nonzero & later).sum(1).cpu(), (c.nonzero & ~later).sum(0).cpu()]
             start += m + n
         added = torch.cat(gains)[order].cumsum(0)                 # zeros added by each prefix
         forced = int((flat == REMOVED).sum())
-        k = max(forced, min(len(flat), int((zeros + added < target).sum()) + (target > zeros)))
+        take = max(forced, min(len(flat), int((zeros + added < target).sum()) + (target > zeros)))
         taken = torch.zeros(len(flat), dtype=torch.bool)
-        taken[order[:k]] = True
+        taken[order[:take]] = True
         return [t.to(c.cost.device) for t, c in zip(taken.split([len(c.cost) for c in cands]),
                                                       cands)]
 
@@ -703,7 +706,7 @@ def structure_of(name: str):
 
 # ----------------------------------------------------------------------------------------------
 # 7. Interleaved low-rank first-order updates (Sec. 3.5; off by default). Every pruned layer gets
-#    W~ <- W~ + (U V^T) * M, M its keep mask at the start of the phase, U (m, r) starting at zero,
+#    W~ <- W~ + (U V^T) * keep, its keep mask at the start of the phase, U (m, r) starting at zero,
 #    V (k, r) random; a few Adam steps on the calibration windows with the curvature's loss, then
 #    the product is folded into the weights. The mask keeps every structure: removed entries stay 0.
 
@@ -716,13 +719,13 @@ def low_rank_phase(model: nn.Module, layers: dict[str, nn.Linear], batches, cfg:
         W = get_matrix(layer)                                                   # (m, k)
         V = (torch.randn(W.shape[1], cfg.lora_rank, generator=gen) / W.shape[1]**0.5).to(W.device)
         U = torch.zeros(len(W), cfg.lora_rank, device=W.device)
-        adapters[name] = (U.requires_grad_(), V.requires_grad_(), W != 0)         # M: bool
+        adapters[name] = (U.requires_grad_(), V.requires_grad_(), W != 0)      # keep: bool
 
-    def delta(U, V, M):                                                         # (U V^T) * M
-        return torch.where(M, U @ V.T, 0.0)
+    def delta(U, V, keep):                                                   # (U V^T) * keep
+        return torch.where(keep, U @ V.T, 0.0)
 
-    def adapter_output(x, U, V, M, n_in, bias):                                 # x dW^T
-        dW = delta(U, V, M)
+    def adapter_output(x, U, V, keep, n_in, bias):                              # x dW^T
+        dW = delta(U, V, keep)
         return F.linear(x, dW[:, :n_in], dW[:, -1] if bias else None)
 
     def hook(name):            # dW is recomputed in the backward pass, not kept: a model's size

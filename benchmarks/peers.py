@@ -208,7 +208,7 @@ def parse_structure(text):
         raise argparse.ArgumentTypeError(str(err)) from None
     if isinstance(structure, surgeon.RowCol):
         raise argparse.ArgumentTypeError("SparseGPT and Wanda remove no whole rows or columns")
-    return (structure.n, structure.m) if isinstance(structure, surgeon.NM) else (0, 0)
+    return (structure.N, structure.M) if isinstance(structure, surgeon.NM) else (0, 0)
 
 
 def main(argv=None):
