@@ -697,11 +697,11 @@ def structure_of(name: str):
     """'unstructured', 'rowcol' or 'N:M' (0 < N < M) -> its structure, or ValueError."""
     if name in ("unstructured", "rowcol"):
         return Unstructured() if name == "unstructured" else RowCol()
-    n, _, m = name.partition(":")
-    if not (n.isdigit() and m.isdigit() and 0 < int(n) < int(m)):
+    N, _, M = name.partition(":")
+    if not (N.isdigit() and M.isdigit() and 0 < int(N) < int(M)):
         raise ValueError(f"structure must be unstructured, rowcol or N:M with 0 < N < M, got "
                          f"{name!r}")
-    return NM(int(n), int(m))
+    return NM(int(N), int(M))
 
 
 # ----------------------------------------------------------------------------------------------
