@@ -422,3 +422,24 @@ def test_the_readme_python_example_runs(files, tmp_path, monkeypatch, capsys):
                               f'{str(files / "train.txt")!r}, 16')
     exec(compile(code, "README.md", "exec"), {})
     assert "50.0% of the weights are zero" in capsys.readouterr().out
+
+
+def test_brown_corpus_split_and_format(tmp_path):
+    """benchmarks/assets.py on a stand-in corpus of 500 tagged samples: tags removed, `` and ''
+    become ", no space before punctuation, samples 0, 10, ... in test.txt."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "benchmarks"))
+    import assets
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    names = [f"c{chr(ord('a') + i // 40)}{i % 40 + 1:02d}" for i in range(500)]
+    for i, name in enumerate(names):
+        (corpus / name).write_text(f"\n\n\tSample/nn {i}/cd says/vbz ``/`` hi/uh ''/'' ,/, 4'/cd "
+                                   f"10''/cd ./.\n\n\tSecond/od line/nn ./.\n")
+    (corpus / "README").write_text("not a sample")
+    assets.build_brown(str(corpus), str(tmp_path / "brown"))
+    test = (tmp_path / "brown" / "test.txt").read_text().split("\n\n")
+    train = (tmp_path / "brown" / "train.txt").read_text().split("\n\n")
+    assert len(test) == 50 and len(train) == 450
+    assert test[0] == 'Sample 0 says " hi ", 4\' 10" .\nSecond line.'.replace(" .", ".")
+    assert test[1].startswith("Sample 10 ") and train[0].startswith("Sample 1 ")
+    assert assets.same(str(tmp_path / "brown"), str(tmp_path / "brown"))
