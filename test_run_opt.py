@@ -206,7 +206,7 @@ def test_benchmark_grid_writes_records_and_table(files, tmp_path):
     table = (tmp_path / "grid.md").read_text()
     assert "| dense |" in table and "| magnitude | " in table
     row = [line for line in table.splitlines() if line.startswith("| K-OBD |")][0]
-    assert row.count("not run") == 2 and row.count("%,") == 2    # 20% is shot 2 of the 30% run
+    assert row.count("not run") == 2 and row.count("%,") == 3    # 10%, 20%: shots of the 30% run
     allocation = table.split("Sparsity per layer (percent zero) of K-OBD")[1].splitlines()
     assert allocation[2].startswith("| block | q_proj | k_proj | v_proj | o_proj | gate_proj")
     assert allocation[4].startswith("| 0 | ") and allocation[5].startswith("| 1 | ")

@@ -82,10 +82,12 @@ GRID = {
 PEERS = {f"{method}-{name}": ["--method", method, "--structure", structure, "--sparsity", "0.5"]
          for method in ("sparsegpt", "wanda")
          for name, structure in (("unstructured-50", "unstructured"), ("2:4", "2:4"))}
-COLUMNS = [("50% unstructured", "unstructured-50"), ("2:4", "2:4"),
+COLUMNS = [("50% unstructured", "unstructured-50"), ("2:4", "2:4"), ("10% rows+cols", "rowcol-10"),
            ("20% rows+cols", "rowcol-20"), ("30% rows+cols", "rowcol-30")]
 METHODS = [("magnitude", "magnitude"), ("Wanda", "wanda"), ("SparseGPT", "sparsegpt"),
            ("L-OBD", "lobd"), ("K-OBD", "kobd"), ("LLM Surgeon", "surgeon")]
+VARIANTS = [("K-OBD, 10% a shot", "kobd", "-shots-3"),          # rows and columns, faster
+            ("LLM Surgeon, 5% a shot", "surgeon", "-shots-6")]
 
 
 def common_args(args):
@@ -154,16 +156,15 @@ def shot_seconds(shots):
     return sum(v for k, v in stage_seconds(shots).items() if k != "checkpoint")
 
 
-def cell(records, method, column):
-    """(perplexity, achieved sparsity, seconds of pruning) or None."""
-    if column == "rowcol-20":          # a run of its own, or the shot of the 30% run that hit 20%
-        r = records.get(f"{method}-rowcol-20")
-        shots = [] if r else (records.get(f"{method}-rowcol-30") or {"shots": []})["shots"]
+def cell(records, method, column, variant=""):
+    """(perplexity, achieved sparsity, seconds of pruning) or None. Rows and columns at 10% and
+    20%: a run of its own, or the evaluated shot of the 30% run that reached it."""
+    r = records.get(f"{method}-{column.replace(':', '')}{variant}")
+    if not r and column in ("rowcol-10", "rowcol-20"):
+        shots = (records.get(f"{method}-rowcol-30{variant}") or {"shots": []})["shots"]
         for t, s in enumerate(shots):
-            if "ppl" in s and abs(s["target"] - 0.2) < 1e-3:
+            if "ppl" in s and abs(s["target"] - int(column[-2:]) / 100) < 1e-3:
                 return s["ppl"], s["sparsity"], shot_seconds(shots[:t + 1])
-    else:
-        r = records.get(f"{method}-{column.replace(':', '')}")
     return (r["ppl_pruned"], r["sparsity"], shot_seconds(r["shots"])) if r else None
 
 
@@ -201,13 +202,14 @@ def write_table(folder):
     dense = records.get("dense")
     lines.append(f"| dense | {dense['ppl_dense']:.2f} |" + " |" * (len(COLUMNS) - 1)
                  if dense else "| dense | not run |" + " |" * (len(COLUMNS) - 1))
-    for label, method in METHODS:
+    for label, method, variant in [(label, method, "") for label, method in METHODS] + VARIANTS:
         cells = []
         for _, column in COLUMNS:
-            c = cell(records, method, column)
+            c = cell(records, method, column, variant)
             peer = method in ("sparsegpt", "wanda") and column.startswith("rowcol")
             cells.append(f"{c[0]:.2f} ({c[1]:.1%}, {c[2]:.0f} s)" if c else
-                         "removes no rows" if peer else "not run")
+                         "removes no rows" if peer else "" if variant and
+                         not column.startswith("rowcol") else "not run")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += ["", "Seconds of pruning: curvature, costs and updates of every shot (evaluations "
               "and checkpoints not counted). Settings of each run are in its JSON record.", ""]
