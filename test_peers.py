@@ -173,3 +173,17 @@ def test_command_line_writes_a_grid_record(tmp_path):
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "benchmarks"))
     import grid
     assert grid.cell(grid.load_records(str(tmp_path)), "sparsegpt", "2:4")[1] == 0.5
+
+
+def test_quality_time_points_come_from_the_grid_records():
+    pytest.importorskip("matplotlib")                  # benchmarks/requirements.txt
+    import figure
+    shots = lambda *s: [{"seconds": {"curvature": x, "checkpoint": 9.0}} for x in s]
+    rec = lambda ppl, k, *s: {"ppl_pruned": ppl, "settings": {"shots": k}, "shots": shots(*s)}
+    records = {"surgeon-unstructured-50": rec(50.0, 5, 10, 10, 10, 10, 10),
+               "surgeon-unstructured-50-shots-1": rec(70.0, 1, 10),
+               "sparsegpt-unstructured-50": rec(60.0, 1, 3),
+               "surgeon-24": rec(100.0, 5, 10, 10, 10, 10, 10)}
+    curves = figure.quality_time(records, "unstructured-50")
+    assert curves["LLM Surgeon"] == [(10.0, 70.0, 1), (50.0, 50.0, 5)]      # checkpoints not
+    assert curves["SparseGPT"] == [(3.0, 60.0, 1)] and "magnitude" not in curves  # counted
