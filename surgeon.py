@@ -284,8 +284,8 @@ def factor_bytes(layers: dict[str, nn.Linear], source: dict | None = None) -> in
 
 def kfac_factors(model: nn.Module, layers: dict[str, nn.Linear], batches, device=None,
                  progress=None):
-    """A and G of every layer, averaged over the T labelled tokens. Returns {name: (A, G)} in
-    float32 on `device` (default: the model's); A is (n+1, n+1) with the bias coordinate where the
+    """A and G of every layer, averaged over the labelled tokens. Returns {name: (A, G)} in
+    float32 on `device` (default: the model's); A is (k, k), with the bias coordinate where the
     layer has a bias. Layers that read the same input tensor share one A object."""
     device = device or next(model.parameters()).device
     rec = Recorder(device)
