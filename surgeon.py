@@ -485,12 +485,12 @@ def remove_elements(W, A_inv, G_inv, mask, max_correlate):
             i = rows[here][r]
             A_j = A_inv.index_select(0, j)                                      # (|Q|, k)
             G_ii = _submatrix(G_inv, i) if len(R) > 1 else G_inv[i[0], i[0]]    # one row: scalar
-            U, info = torch.linalg.cholesky_ex(G_ii * A_j[:, j], upper=True)    # C = U^T U
+            chol, info = torch.linalg.cholesky_ex(G_ii * A_j[:, j], upper=True)  # C = chol^T chol
             if info.item():
                 raise ValueError("correlated update is not positive definite; increase the damping")
-            V = G_B[R] @ E                                                      # (|R|, k)
-            w = W[i, j] - (A_j @ V.T).gather(1, r[:, None])[:, 0]              # w_Q as updated
-            E[here][r, j] = torch.cholesky_solve(w[:, None], U, upper=True)[:, 0]  # C^-1 w_Q
+            pending = G_B[R] @ E                            # (|R|, k): the block's updates so far
+            w = W[i, j] - (A_j @ pending.T).gather(1, r[:, None])[:, 0]        # w_Q as updated
+            E[here][r, j] = torch.cholesky_solve(w[:, None], chol, upper=True)[:, 0]  # C^-1 w_Q
         W -= G_B @ (E @ A_inv)                                                  # -G_inv E A_inv
     W[mask] = 0
     return W
