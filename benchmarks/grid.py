@@ -63,6 +63,8 @@ GRID = {
     "kobd-2:4": ["--method", "kobd", "--structure", "2:4", "--sparsity", "0.5", "--shots", "1"],
     "kobd-rowcol-30": ["--method", "kobd", "--structure", "rowcol", "--sparsity", "0.3",
                        "--shots", "24", "--eval-every", "4"],
+    "surgeon-rowcol-30-lora": ["--method", "surgeon", "--structure", "rowcol", "--sparsity", "0.3",
+                               "--shots", "24", "--eval-every", "4", "--lora-steps", "3"],
     "kobd-rowcol-30-shots-3": ["--method", "kobd", "--structure", "rowcol", "--sparsity", "0.3",
                        "--shots", "3", "--damp-g", "0.1", "--eval-every", "1"],
     "lobd-unstructured-50": ["--method", "lobd", "--structure", "unstructured", "--sparsity",
