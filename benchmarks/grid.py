@@ -116,9 +116,8 @@ def run_entries(entries, results, common, only=None, script="run_opt.py"):
         print(f"== {name}", flush=True)
         checkpoint = out[:-5] + ".checkpoint"              # a killed run resumes from here
         resume = ["--resume"] if os.path.exists(os.path.join(checkpoint, "checkpoint.pt")) else []
-        keep = ["--checkpoint", checkpoint, *resume] if script == "run_opt.py" else []
-        cmd = [sys.executable, script, *common, *extra, "--json", repo_path(out),
-               *[repo_path(k) if k == checkpoint else k for k in keep]]
+        keep = ["--checkpoint", repo_path(checkpoint), *resume] if script == "run_opt.py" else []
+        cmd = [sys.executable, script, *common, *extra, "--json", repo_path(out), *keep]
         with open(out[:-5] + ".log", "a" if resume else "w") as log:
             done = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
         if done.returncode:
