@@ -12,7 +12,7 @@ PID=$!
 until grep -q "shot 1/3:" benchmarks/kill-resume/run/b1.log 2>/dev/null; do sleep 1; done
 sleep 20                                   # well into shot 2
 kill -9 $PID; wait $PID; echo "killed with status $?" | tee benchmarks/kill-resume/run/kill.txt
-grep "^shot" benchmarks/kill-resume/run/b1.log | tee -a benchmarks/kill-resume/run/kill.txt
+tr "\r" "\n" < benchmarks/kill-resume/run/b1.log | grep "^shot" | tee -a benchmarks/kill-resume/run/kill.txt
 python run_opt.py $ARGS --checkpoint benchmarks/kill-resume/run/ck-b --save benchmarks/kill-resume/run/out-b --resume > benchmarks/kill-resume/run/b2.log 2>&1
 grep "^resuming\|^shot\|perplexity" benchmarks/kill-resume/run/b2.log | tee -a benchmarks/kill-resume/run/kill.txt
 python - <<'PY' | tee -a benchmarks/kill-resume/run/kill.txt
