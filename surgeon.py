@@ -410,8 +410,8 @@ def quadratic(layer: nn.Linear, A, G, cfg: Settings, name="layer") -> Quadratic:
         A_hat, A_inv = damped_inverse(A, cfg.damp_a, dead_cols, name)
         G_hat, G_inv = damped_inverse(G, cfg.damp_g, dead_rows, name)
         alpha, gamma = 1 / A_inv.diagonal(), 1 / G_inv.diagonal()  # 1 / (F^-1)_qq per factor
-        A, G = (A_hat, G_hat) if cfg.damp_costs else (A.double(), G.double())   # rowcol costs
-        del A_hat, G_hat
+        undamped = cfg.structure == "rowcol" and not cfg.damp_costs     # only rowcol costs use
+        A, G = (A.double(), G.double()) if undamped else (A_hat, G_hat)  # A, G: no copy else
     else:                                                 # OBD: the undamped factors
         A, G = (X.double() if X is not None else None for X in (A, G))
         alpha = A.diagonal().clone() if A is not None else W.new_ones(k)
