@@ -7,6 +7,7 @@ killed run resumes from its checkpoint, as in grid.py.
     python benchmarks/studies.py damp-g          # lambda_G for rows and columns
     python benchmarks/studies.py damp-costs      # damped or undamped A, G in the rowcol costs
     python benchmarks/studies.py lora            # interleaved low-rank updates, with and without
+    python benchmarks/studies.py calibration     # 8, 32 or 128 calibration windows
     python benchmarks/studies.py STUDY --table-only
 
 max-correlate: one 10% unstructured shot of LLM Surgeon (the first shot of the paper's 5-shot
@@ -17,6 +18,9 @@ damp-costs: the same two schedules with the damped A_hat, G_hat in the row and c
 (--damp-costs) and with the undamped A, G as the authors' code (--no-damp-costs).
 lora: 30% rows and columns (6 shots) and 50% unstructured (2 shots, and the paper's 5, about an
 hour a run on this CPU) with and without 3 low-rank steps a shot (the authors' 3 sequences a shot).
+calibration: the grid's protocol (64 evaluation windows) but 8, 32 or 128 calibration windows of
+512 tokens, for 2:4 in the paper's 5 shots (as the grid's surgeon-2:4; its 32-window run is that
+record) and for 10% rows and columns in 2 shots of 5%, evaluated after each.
 """
 import argparse
 import os
@@ -60,6 +64,15 @@ STUDIES = {
             f"unstructured-50-shots-5-lora-{steps}": SURGEON + [
             "--structure", "unstructured", "--sparsity", "0.5", "--shots", "5",
             "--lora-steps", str(steps)] for steps in (0, 3)},
+    },
+    "calibration": {
+        "protocol": {"nsamples": 32, "eval_windows": 64},
+        "runs": DENSE | {f"2:4-windows-{n}": SURGEON + [
+            "--structure", "2:4", "--sparsity", "0.5", "--shots", "5", "--max-correlate", "1",
+            "--nsamples", str(n)] for n in (8, 32, 128)} | {
+            f"rowcol-10-windows-{n}": SURGEON + [
+            "--structure", "rowcol", "--sparsity", "0.1", "--shots", "2", "--eval-every", "1",
+            "--nsamples", str(n)] for n in (8, 32, 128)},
     },
 }
 
