@@ -1,8 +1,8 @@
 """Figures from a grid's JSON records, with the points drawn written next to them as JSON:
 
 - FOLDER-rowcol.png: perplexity against sparsity for rows and columns, log scale (as the paper's
-  figures), every evaluated shot: one curve per multi-shot run, and one per method for its
-  one-shot runs.
+  figures), every evaluated shot: one curve per multi-shot run (with or without low-rank
+  updates), and one per method for its one-shot runs.
 - FOLDER-quality-time.png: perplexity against seconds of pruning at 50% unstructured and at 2:4,
   every method; LLM Surgeon once per number of shots that has a record (NAME-shots-K runs).
 
@@ -33,8 +33,9 @@ def rowcol_curves(records):
         for name, r in sorted(records.items()):
             if not name.startswith(f"{method}-rowcol-"):
                 continue
-            shots = r["settings"]["shots"]
+            shots, steps = r["settings"]["shots"], r["settings"].get("lora_steps", 0)
             key = f"{label}, {shots} shots" if shots > 1 else f"{label}, one shot each"
+            key += f", {steps} low-rank steps a shot" if steps else ""
             found = curves.setdefault(key, dict(start))
             for shot in r["shots"]:
                 if "ppl" in shot:

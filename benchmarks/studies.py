@@ -19,8 +19,8 @@ damp-costs: the same two schedules with the damped A_hat, G_hat in the row and c
 lora: 30% rows and columns (6 shots) and 50% unstructured (2 shots, and the paper's 5, about an
 hour a run on this CPU) with and without 3 low-rank steps a shot (the authors' 3 sequences a shot).
 calibration: the grid's protocol (64 evaluation windows) but 8, 32 or 128 calibration windows of
-512 tokens, for 2:4 in the paper's 5 shots (as the grid's surgeon-2:4; its 32-window run is that
-record) and for 10% rows and columns in 2 shots of 5%, evaluated after each.
+512 tokens, for 2:4 in the paper's 5 shots (as the grid's surgeon-2:4: its 32-window run and the
+dense run are the grid's records, copied) and for 10% rows and columns in 2 shots of 5%.
 """
 import argparse
 import os
@@ -71,22 +71,27 @@ STUDIES = {
             "--structure", "2:4", "--sparsity", "0.5", "--shots", "5", "--max-correlate", "1",
             "--nsamples", str(n)] for n in (8, 32, 128)} | {
             f"rowcol-10-windows-{n}": SURGEON + [
-            "--structure", "rowcol", "--sparsity", "0.1", "--shots", "2", "--eval-every", "1",
-            "--nsamples", str(n)] for n in (8, 32, 128)},
+            "--structure", "rowcol", "--sparsity", "0.1", "--shots", "2",
+            "--nsamples", str(n)] for n in (128, 8, 32)},
     },
 }
 
 
 def table(study, folder):
-    """One line per run: perplexity after each evaluated shot, seconds of each stage, peak."""
-    lines = [f"# Study: {study}", "", "| run | perplexity | sparsity | seconds of pruning | "
-             "peak MB | per shot (target: perplexity) |", "|---|---|---|---|---|---|"]
+    """One line per run: perplexity after each evaluated shot, calibration windows, seconds of
+    each stage, the curvature's seconds per labelled calibration token and shot, peak."""
+    lines = [f"# Study: {study}", "", "| run | perplexity | sparsity | windows | seconds of pruning "
+             "| curvature ms per token | peak MB | per shot (target: perplexity) |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, r in sorted(load_records(folder).items()):
-        seconds = ", ".join(f"{k} {v:.0f}" for k, v in stage_seconds(r["shots"]).items()
-                            if k != "checkpoint")
+        split, cfg = stage_seconds(r["shots"]), r["settings"]
+        seconds = ", ".join(f"{k} {v:.0f}" for k, v in split.items() if k != "checkpoint")
+        tokens = cfg["nsamples"] * (cfg["seqlen"] - 1) * len(r["shots"])     # labelled, all shots
+        per_token = f"{1000 * split['curvature'] / tokens:.2f}" if "curvature" in split else ""
         shots = ", ".join(f"{s['target']:.4g}: {s['ppl']:.2f}" for s in r["shots"] if "ppl" in s)
-        lines.append(f"| {name} | {r['ppl_pruned']:.2f} | {r['sparsity']:.1%} | {seconds} | "
-                     f"{max(r['peak_memory_mb'].values()):.0f} | {shots} |")
+        lines.append(f"| {name} | {r['ppl_pruned']:.2f} | {r['sparsity']:.1%} | {cfg['nsamples']} "
+                     f"| {seconds} | {per_token} | {max(r['peak_memory_mb'].values()):.0f} | "
+                     f"{shots} |")
     with open(folder.rstrip("/") + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
 
