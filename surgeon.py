@@ -116,16 +116,12 @@ def check(settings: Settings, layers=None, batches=None):
 
 
 def check_device(name: str) -> torch.device:
-    """A torch.device that exists here, or ValueError."""
+    """A torch.device that exists here (a tensor can be made on it), or ValueError."""
     try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"unknown device {name!r} (cpu, cuda, cuda:1, ...)") from None
-    cuda = torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()
-    if not (device.type == "cpu" or device.type == "cuda" and cuda):
-        raise ValueError(f"device {name!r} is not available here (cpu or cuda"
-                         f"{'' if torch.cuda.is_available() else '; no CUDA'})")
-    return device
+        return torch.empty(0, device=name).device
+    except (RuntimeError, AssertionError):
+        raise ValueError(f"device {name!r} is not available here (cpu, cuda, cuda:1, ...)"
+                         f"{'' if torch.cuda.is_available() else '; torch sees no CUDA'}") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -378,10 +374,8 @@ def damped_inverse(X: torch.Tensor, damp: float, dead: torch.Tensor, name: str =
 
 @dataclass
 class Quadratic:
-    """One layer's quadratic model, float64 on the layer's device: W~ (m, k), its first n_in
-    columns weights and a last one the bias if any; A (k, k) or None, G (m, m) or None; alpha
-    (k,), gamma (m,); A_inv, G_inv for the surgeon's update; dead rows (m,) and columns (k,);
-    removed (m, n_in): weights that are zero or dead, worked out once here."""
+    """One layer's quadratic model (above), float64 on the layer's device; W~ (m, k) has n_in
+    weight columns, then the bias if any; removed (m, n_in): weights that are zero or dead."""
     W: torch.Tensor
     n_in: int
     A: torch.Tensor | None
