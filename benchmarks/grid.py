@@ -14,7 +14,8 @@ Corpus); with a --model and no text files, WikiText-2. Defaults are the CPU prot
 calibration windows of 512 tokens, seed 0, the first 64 evaluation windows.
 Rows and columns follow the paper's schedule, 1.25% a shot: LLM Surgeon and K-OBD in 24 shots to
 30%, evaluated after every 4th shot (shots 8, 16, 24 give 10, 20, 30%). The faster variants at 5% a shot are kept as
-surgeon-rowcol-30-shots-6 (6 shots) and kobd-rowcol-30-shots-3 (3 shots of 10%). L-OBD takes
+surgeon-rowcol-30-shots-6 (6 shots) and kobd-rowcol-30-shots-3 (3 shots of 10%);
+surgeon-rowcol-30-lora adds 3 interleaved low-rank steps a shot (rank 8, lr 1e-4). L-OBD takes
 one shot at 20% and one at 30%. Element runs: LLM Surgeon in the paper's 5 shots, a row at a
 time (max_correlate 1), the others in one shot.
 """
@@ -89,7 +90,8 @@ COLUMNS = [("50% unstructured", "unstructured-50"), ("2:4", "2:4"), ("10% rows+c
 METHODS = [("magnitude", "magnitude"), ("Wanda", "wanda"), ("SparseGPT", "sparsegpt"),
            ("L-OBD", "lobd"), ("K-OBD", "kobd"), ("LLM Surgeon", "surgeon")]
 VARIANTS = [("K-OBD, 10% a shot", "kobd", "-shots-3"),          # rows and columns, faster
-            ("LLM Surgeon, 5% a shot", "surgeon", "-shots-6")]
+            ("LLM Surgeon, 5% a shot", "surgeon", "-shots-6"),
+            ("LLM Surgeon, 3 low-rank steps a shot", "surgeon", "-lora")]
 
 
 def common_args(args):
