@@ -226,8 +226,9 @@ def parse_args(argv=None):
                    help="do not evaluate the dense model (a grid that measured it once)")
     p.add_argument("--compact", action="store_true",
                    help="after rowcol pruning, cut dead units and heads out; measure the speed-up")
-    p.add_argument("--lora-steps", type=count, default=DEFAULT.lora_steps,
-                   help="interleaved low-rank update steps after each shot (0: off)")
+    p.add_argument("--lora-steps", type=count,
+                   help="interleaved low-rank update steps after each shot (0: off; default 3 "
+                   "for surgeon on rowcol, 0 otherwise)")
     p.add_argument("--lora-rank", type=positive, default=DEFAULT.lora_rank,
                    help="rank of the low-rank update")
     p.add_argument("--lora-lr", type=positive_float, default=DEFAULT.lora_lr,
@@ -255,6 +256,7 @@ RESULT_SETTINGS = ("model", "nsamples", "seqlen", "seed", "train_file",       # 
 def validate(args):
     """The device and settings, after checking everything that needs no model."""
     settings = surgeon.Settings(**{f.name: getattr(args, f.name) for f in fields(surgeon.Settings)})
+    args.lora_steps = settings.lora_steps                     # its default depends on the rest
     try:
         surgeon.check(settings)
         device = surgeon.check_device(args.device or ("cuda" if torch.cuda.is_available()

@@ -70,13 +70,16 @@ class Settings:
     max_correlate: int = 1            # most removed weights solved together in an element update:
                                       # 1 is a row at a time (authors: 2000; as good, 9x slower)
     curvature_device: str | None = None   # where A and G live; None: the model's device
-    lora_steps: int = 0               # interleaved low-rank steps after each shot (0: off)
+    lora_steps: int | None = None     # interleaved low-rank steps after each shot (0: off);
+                                      # None: 3 for LLM Surgeon on rowcol (better, measured), else 0
     lora_rank: int = 8
     lora_lr: float = 1e-4
 
     def __post_init__(self):
         if self.shots is None:
             self.shots = 40 if self.structure == "rowcol" else 5
+        if self.lora_steps is None:
+            self.lora_steps = 3 if (self.structure, self.method) == ("rowcol", "surgeon") else 0
 
 
 def check(settings: Settings, layers=None, batches=None):
@@ -699,7 +702,7 @@ def structure_of(name: str):
 
 
 # ----------------------------------------------------------------------------------------------
-# 7. Interleaved low-rank first-order updates (Sec. 3.5; off by default). Every pruned layer gets
+# 7. Interleaved low-rank first-order updates (Sec. 3.5; on for rows and columns). Every layer gets
 #    W~ <- W~ + (U V^T) * keep, its keep mask at the start of the phase, U (m, r) starting at zero,
 #    V (k, r) random; a few Adam steps on the calibration windows with the curvature's loss, then
 #    the product is folded into the weights. The mask keeps every structure: removed entries stay 0.

@@ -87,6 +87,8 @@ def test_end_to_end(files, tmp_path, capsys, model, structure, sparsity):
                 "settings", "versions", "shots"):
         assert key in on_disk, key
     assert on_disk["settings"]["structure"] == structure
+    assert on_disk["settings"]["lora_steps"] == (3 if structure == "rowcol" else 0)   # defaults
+    assert ("lora" in on_disk["shots"][0]["seconds"]) == (structure == "rowcol")
     assert all(math_ok(s["ppl"]) for s in on_disk["shots"]) and len(on_disk["shots"]) == 2
     assert record["ppl_pruned"] == on_disk["shots"][-1]["ppl"]     # evaluated once, not twice
     assert set(on_disk["seconds"]) >= {"load", "data", "eval_dense", "prune", "eval_pruned", "save"}

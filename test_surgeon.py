@@ -738,6 +738,14 @@ def weights(model):
     return [p.detach().clone() for p in model.parameters()]
 
 
+def test_schedule_defaults():
+    """The paper's shots; low-rank steps for LLM Surgeon on rows and columns only (measured)."""
+    assert (Settings().shots, Settings().lora_steps) == (40, 3)
+    assert (Settings(structure="2:4").shots, Settings(structure="2:4").lora_steps) == (5, 0)
+    assert Settings(method="kobd").lora_steps == 0 and Settings(lora_steps=0).lora_steps == 0
+    assert Settings(structure="unstructured", lora_steps=2).lora_steps == 2
+
+
 @pytest.mark.parametrize("kwargs,message", [
     (dict(sparsity=1.0), "sparsity"), (dict(sparsity=-0.1), "sparsity"),
     (dict(sparsity=0.6, structure="2:4"), "2:4"), (dict(structure="blocks"), "structure"),

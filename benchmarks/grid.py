@@ -44,9 +44,10 @@ def repo_path(path):
 GRID = {
     "dense": ["--sparsity", "0"],
     "surgeon-rowcol-30": ["--method", "surgeon", "--structure", "rowcol", "--sparsity", "0.3",
-                          "--shots", "24", "--eval-every", "4"],
+                          "--shots", "24", "--eval-every", "4", "--lora-steps", "0"],
     "surgeon-rowcol-30-shots-6": ["--method", "surgeon", "--structure", "rowcol", "--sparsity", "0.3",
-                          "--shots", "6", "--damp-g", "0.1", "--compact", "--eval-every", "1"],
+                          "--shots", "6", "--damp-g", "0.1", "--compact", "--eval-every", "1",
+                          "--lora-steps", "0"],
     "surgeon-unstructured-50": ["--method", "surgeon", "--structure", "unstructured",
                                 "--sparsity", "0.5", "--shots", "5", "--max-correlate", "1"],
     "surgeon-2:4": ["--method", "surgeon", "--structure", "2:4", "--sparsity", "0.5", "--shots",

@@ -44,13 +44,14 @@ STUDIES = {
         "protocol": {"nsamples": 8, "eval_windows": 16},
         "runs": DENSE | {f"shots-{shots}-damp-g-{g}": SURGEON + [
             "--structure", "rowcol", "--sparsity", "0.2", "--shots", str(shots), "--damp-g", g,
-            "--eval-every", "1"] for shots in (4, 16) for g in ("0.01", "0.1", "1")},
+            "--eval-every", "1", "--lora-steps", "0"]
+            for shots in (4, 16) for g in ("0.01", "0.1", "1")},
     },
     "damp-costs": {
         "protocol": {"nsamples": 8, "eval_windows": 16},
         "runs": DENSE | {f"shots-{shots}-{costs}": SURGEON + [
             "--structure", "rowcol", "--sparsity", "0.2", "--shots", str(shots),
-            f"--{costs}", "--eval-every", "1"] for shots in (4, 16)
+            f"--{costs}", "--eval-every", "1", "--lora-steps", "0"] for shots in (4, 16)
             for costs in ("damp-costs", "no-damp-costs")},
     },
     "lora": {
