@@ -7,6 +7,7 @@ killed run resumes from its checkpoint, as in grid.py.
     python benchmarks/studies.py damp-g          # lambda_G for rows and columns
     python benchmarks/studies.py damp-costs      # damped or undamped A, G in the rowcol costs
     python benchmarks/studies.py lora            # interleaved low-rank updates, with and without
+    python benchmarks/studies.py lora-steps      # how many low-rank steps a shot
     python benchmarks/studies.py calibration     # 8, 32 or 128 calibration windows
     python benchmarks/studies.py STUDY --table-only
 
@@ -18,6 +19,8 @@ damp-costs: the same two schedules with the damped A_hat, G_hat in the row and c
 (--damp-costs) and with the undamped A, G as the authors' code (--no-damp-costs).
 lora: 30% rows and columns (6 shots) and 50% unstructured (2 shots, and the paper's 5, about an
 hour a run on this CPU) with and without 3 low-rank steps a shot (the authors' 3 sequences a shot).
+lora-steps: 10% rows and columns in 2 shots (the README's example) with 0, 3, 10 or 30 low-rank
+steps a shot (its 3-step run is the README example's record, copied).
 calibration: the grid's protocol (64 evaluation windows) but 8, 32 or 128 calibration windows of
 512 tokens, for 2:4 in the paper's 5 shots (as the grid's surgeon-2:4: its 32-window run and the
 dense run are the grid's records, copied) and for 10% rows and columns in one shot.
@@ -65,6 +68,12 @@ STUDIES = {
             f"unstructured-50-shots-5-lora-{steps}": SURGEON + [
             "--structure", "unstructured", "--sparsity", "0.5", "--shots", "5",
             "--lora-steps", str(steps)] for steps in (0, 3)},
+    },
+    "lora-steps": {
+        "protocol": {"nsamples": 8, "eval_windows": 16},
+        "runs": DENSE | {f"rowcol-10-lora-{steps}": SURGEON + [
+            "--structure", "rowcol", "--sparsity", "0.1", "--shots", "2", "--eval-every", "1",
+            "--lora-steps", str(steps)] for steps in (0, 3, 10, 30)},
     },
     "calibration": {
         "protocol": {"nsamples": 32, "eval_windows": 64},
