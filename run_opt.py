@@ -25,7 +25,7 @@ import sys
 import tempfile
 import time
 from contextlib import contextmanager
-from dataclasses import fields
+from dataclasses import asdict, fields
 
 import torch
 
@@ -73,7 +73,7 @@ def fail(message):
 def run(argv=None):
     args = parse_args(argv)
     device, settings = validate(args)
-    record = new_record(args, settings, device)
+    record = new_record(args, device)
     with stage(record, "data", device):            # the text is checked before the model loads
         tokenizer, context = load_tokenizer(args.model)
         test, calib = load_data(args, tokenizer, context)
@@ -256,7 +256,7 @@ RESULT_SETTINGS = ("model", "nsamples", "seqlen", "seed", "train_file",       # 
 def validate(args):
     """The device and settings, after checking everything that needs no model."""
     settings = surgeon.Settings(**{f.name: getattr(args, f.name) for f in fields(surgeon.Settings)})
-    args.lora_steps = settings.lora_steps                     # its default depends on the rest
+    vars(args).update(asdict(settings))       # defaults resolved (shots, lora_steps), recorded
     try:
         surgeon.check(settings)
         device = surgeon.check_device(args.device or ("cuda" if torch.cuda.is_available()
@@ -364,10 +364,10 @@ def read_text(path):
 # The record: settings, provenance, seconds and peak memory of every stage
 
 
-def new_record(args, settings, device):
+def new_record(args, device):
     import transformers
     transformers.utils.logging.disable_progress_bar()
-    return {"settings": {**vars(args), "shots": settings.shots, "device": str(device)},
+    return {"settings": {**vars(args), "device": str(device)},
             "versions": {"python": platform.python_version(), "torch": torch.__version__,
                          "transformers": transformers.__version__},
             "provenance": provenance(),

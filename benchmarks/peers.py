@@ -242,7 +242,7 @@ def run(argv=None):
     device = surgeon.check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.json:
         run_opt.writable_file(args.json, "--json")
-    record = run_opt.new_record(args, args, device)
+    record = run_opt.new_record(args, device)
     with run_opt.stage(record, "data", device):
         test, calib = run_opt.load_data(args, *run_opt.load_tokenizer(args.model))
     with run_opt.stage(record, "load", device):
