@@ -348,7 +348,9 @@ def check_finite(factors):
 #    L-OBD:     A undamped, G = I,       alpha = diag(A),       gamma = 1
 #    magnitude: A = I, G = I,            alpha = 1,             gamma = 1    (None means I).
 #    Dead rows (G_ii = 0, or all-zero weights) and columns (A_jj = 0, or all-zero weights) are
-#    already removed (cost REMOVED); they are kept out of the inverses; alpha, gamma are 0 there.
+#    kept out of the inverses; alpha, gamma are 0 there, so their weights cost 0. They count as
+#    removed only once zero: a row that died in the last shot (its outputs feed a removed column)
+#    is a free candidate, not a forced one, so the threshold still stops at its target.
 
 
 def damped_inverse(X: torch.Tensor, damp: float, dead: torch.Tensor, name: str = "layer"):
@@ -378,7 +380,7 @@ def damped_inverse(X: torch.Tensor, damp: float, dead: torch.Tensor, name: str =
 @dataclass
 class Quadratic:
     """One layer's quadratic model (above), float64 on the layer's device; W~ (m, k) has n_in
-    weight columns, then the bias if any; removed (m, n_in): weights that are zero or dead."""
+    weight columns, then the bias if any; removed (m, n_in): weights that are zero already."""
     W: torch.Tensor
     n_in: int
     A: torch.Tensor | None
@@ -414,7 +416,7 @@ def quadratic(layer: nn.Linear, A, G, cfg: Settings, name="layer") -> Quadratic:
         alpha = A.diagonal().clone() if A is not None else W.new_ones(k)
         gamma = G.diagonal().clone() if G is not None else W.new_ones(m)
     alpha[dead_cols], gamma[dead_rows] = 0, 0
-    removed = (W[:, :n_in] == 0) | dead_rows[:, None] | dead_cols[None, :n_in]
+    removed = W[:, :n_in] == 0
     return Quadratic(W, n_in, A, G, alpha, gamma, A_inv, G_inv, dead_rows, dead_cols, removed)
 
 
@@ -576,7 +578,6 @@ class Elements:
     def update(self, q: Quadratic, taken, cand: Candidates, cfg: Settings):
         """Weights already zero stay zero: they are constraints of the update."""
         W = q.W.clone()
-        W[q.dead_rows], W[:, q.dead_cols] = 0, 0
         mask = F.pad(self.mask(q, taken, cand) | q.removed, (0, W.shape[1] - q.n_in))  # no bias
         if cfg.method == "surgeon":                            # OBD makes no update (Sec. 4)
             return remove_elements(W, q.A_inv, q.G_inv, mask, cfg.max_correlate)
@@ -631,8 +632,7 @@ class NM(Elements):
         choice, cost = self.cheapest(q, method)
         removed, nonzero = (x.reshape(choice.shape) for x in (q.removed, q.W[:, :q.n_in] != 0))
         gone = (choice & ~removed).sum(-1) == 0                             # nothing left to cut
-        dead = (q.dead_rows[:, None] | q.dead_cols[None, :q.n_in]).reshape(choice.shape)
-        gain = ((choice | dead) & nonzero).sum(-1)                          # dead: zeroed anyway
+        gain = (choice & nonzero).sum(-1)
         return Candidates(cost.masked_fill(gone, REMOVED).flatten().float(),
                           gain.flatten().to(torch.uint8), choice=choice)
 
@@ -651,9 +651,10 @@ class RowCol:
     name = "rowcol"
 
     def candidates(self, q: Quadratic, method: str) -> Candidates:
-        rows = row_costs(q.W, q.A, q.gamma).masked_fill(q.dead_rows, REMOVED)
-        cols = column_costs(q.W, q.G, q.alpha)[:q.n_in].masked_fill(q.dead_cols[:q.n_in], REMOVED)
-        return Candidates(torch.cat([rows, cols]).float(), nonzero=q.W[:, :q.n_in] != 0)
+        nonzero = ~q.removed
+        rows = row_costs(q.W, q.A, q.gamma).masked_fill(~nonzero.any(1), REMOVED)
+        cols = column_costs(q.W, q.G, q.alpha)[:q.n_in].masked_fill(~nonzero.any(0), REMOVED)
+        return Candidates(torch.cat([rows, cols]).float(), nonzero=nonzero)
 
     def select(self, cands: list[Candidates], target: int, zeros: int):
         """Sort all rows and columns (few); each one's gain follows from the global order: a row
@@ -681,7 +682,6 @@ class RowCol:
     def update(self, q: Quadratic, taken, cand: Candidates, cfg: Settings):
         """Exact joint OBS (surgeon); weights that were zero are zeroed again after it."""
         W = q.W.clone()
-        W[q.dead_rows], W[:, q.dead_cols] = 0, 0
         rows, cols = taken[:len(W)].nonzero()[:, 0], taken[len(W):].nonzero()[:, 0]
         if cfg.method == "surgeon":
             W = remove_rows_columns(W, q.A_inv, q.G_inv, rows, cols)

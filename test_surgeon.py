@@ -279,7 +279,10 @@ def test_dead_rows_and_columns_cost_nothing_and_stay_out_of_updates():
         expected = X_live + damp * X_live.diagonal().mean() * torch.eye(len(live), dtype=X.dtype)
         assert torch.allclose(X_hat[live][:, live], expected)
     cand = surgeon.RowCol().candidates(q, "surgeon")
-    assert cand.cost[1] == surgeon.REMOVED and cand.cost[4 + 2] == surgeon.REMOVED  # always taken
+    assert cand.cost[4 + 2] == surgeon.REMOVED                 # all zero: always taken
+    assert cand.cost[1] == 0                                   # dead, not zero: free, not forced
+    untaken = surgeon.RowCol().update(q, torch.zeros(8, dtype=torch.bool), cand, s)
+    assert torch.equal(untaken[1], W[1]) and (untaken[:, 2] == 0).all()
     taken = torch.zeros(8, dtype=torch.bool)
     taken[[1, 6, 3]] = True                                    # rows 1, 3 and column 2
     new = surgeon.RowCol().update(q, taken, cand, s)
@@ -585,6 +588,26 @@ def test_multishot_reaches_target_and_model_runs(make, structure, sparsity):
                 assert (layer.bias[dead_r] == 0).all()
     logits = model(calib()[0]).logits
     assert torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("make", [tiny_opt, tiny_llama])
+@pytest.mark.parametrize("shots,lora_steps,zeros", [(2, 0, 0.0), (3, 0, 0.0), (3, 2, 0.0),
+                                                     (3, 0, 0.05), (6, 0, 0.0)])
+def test_rowcol_lands_on_every_shots_target(make, shots, lora_steps, zeros):
+    """A row or column removed in one shot kills the rows and columns that only fed it or only
+    read it (their G or A diagonal is 0 in the next shot). Those cost nothing but are not yet
+    zero: the threshold takes them as free candidates within the shot's target, not beyond it."""
+    model = with_exact_zeros(make(), zeros) if zeros else make()
+    layers = surgeon.prunable_layers(model)
+    total = sum(l.weight.numel() for l in layers.values())
+    step = max(max(l.weight.shape) for l in layers.values())
+    records = []
+    surgeon.prune(model, calib(), Settings(sparsity=0.4, structure="rowcol", shots=shots,
+                                           lora_steps=lora_steps), on_shot=records.append)
+    for record in records:
+        target, zeros = (round(record[k] * total) for k in ("target", "sparsity"))
+        assert target <= zeros < target + step, record["shot"]
+    assert records[-1]["sparsity"] == surgeon.overall_sparsity(layers)
 
 
 @pytest.mark.parametrize("method", surgeon.METHODS)
