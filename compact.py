@@ -153,8 +153,8 @@ def save(model, tokenizer, folder, shapes):
         json.dump(config, f, indent=1)
 
 
-def load(folder):
-    """The compacted model of a folder that `save` wrote, in float32."""
+def load(folder, dtype="auto"):
+    """The compacted model of a folder that `save` wrote, in `dtype` (auto: as saved)."""
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
     with open(os.path.join(folder, COMPACT)) as f:
@@ -176,4 +176,4 @@ def load(folder):
         raise ValueError(f"{folder} does not match its {COMPACT}: missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]}")
     model.tie_weights()
-    return model
+    return model.to(next(iter(state.values())).dtype if dtype == "auto" else dtype)

@@ -2,7 +2,7 @@
 
     python run_opt.py --model facebook/opt-125m --sparsity 0.3
 
-loads the model in float32, calibrates on WikiText-2 (128 random windows of 2048 tokens of the
+loads the model (float32 on CPU, the checkpoint's own dtype on CUDA), calibrates on WikiText-2 (128 random windows of 2048 tokens of the
 train split), prunes (rows and columns, 40 shots, by default), and evaluates perplexity on the
 test split before and after, as SparseGPT and the paper do. --model also takes a local folder and
 --train-file / --test-file local plain text, so the same command runs without a hub.
@@ -20,6 +20,7 @@ import random
 import re
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -47,15 +48,29 @@ def main(argv=None):
 
 
 def command_line(run, argv=None):
-    """run(argv), with errors as one `error:` line (exit 2) and Ctrl-C as one line (exit 130)."""
+    """run(argv), with errors as one `error:` line (exit 2), and Ctrl-C and SIGTERM (what batch
+    schedulers send at a time limit) as one line (exit 130 and 143)."""
+    before = signal.signal(signal.SIGTERM, terminate)
     try:
         return run(argv)
     except Failure as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     except (Interrupted, KeyboardInterrupt) as err:
-        print(f"interrupted{': ' if str(err) else ''}{err}", file=sys.stderr)
-        sys.exit(130)
+        what = "terminated" if isinstance(err, Terminated) or getattr(err, "terminated", False) \
+            else "interrupted"
+        print(f"{what}{': ' if str(err) else ''}{err}", file=sys.stderr)
+        sys.exit(143 if what == "terminated" else 130)
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, treated as Ctrl-C is."""
+
+
+def terminate(signum, frame):
+    raise Terminated()
 
 
 class Failure(Exception):
@@ -63,7 +78,10 @@ class Failure(Exception):
 
 
 class Interrupted(Exception):
-    """Ctrl-C; `main` prints where the run stood and exits with 130."""
+    """Ctrl-C or SIGTERM; `main` prints where the run stood and exits with 130 or 143."""
+    def __init__(self, message, terminated=False):
+        super().__init__(message)
+        self.terminated = terminated
 
 
 def fail(message):
@@ -77,6 +95,7 @@ def run(argv=None):
     with stage(record, "data", device):            # the text is checked before the model loads
         tokenizer, context = load_tokenizer(args.model)
         test, calib = load_data(args, tokenizer, context)
+        check_shapes(args, settings, calib)
     with stage(record, "load", device):
         model, layers = load_stage(args, device, record)
         calib = [w.to(device) for w in calib]
@@ -196,6 +215,10 @@ def parse_args(argv=None):
     p.add_argument("--eval-windows", type=positive,
                    help="evaluate only the first N windows (default: all)")
     p.add_argument("--device", help="cuda or cpu (default: cuda when available, else cpu)")
+    p.add_argument("--dtype", choices=DTYPES,
+                   help="the weights' dtype: auto is the checkpoint's own (float16 or bfloat16 "
+                        "for most); factors are float32 and updates float64 either way (default: "
+                        "auto on CUDA; float32 on CPU, where 16-bit arithmetic is slow)")
     p.add_argument("--damp-a", type=nonnegative, default=DEFAULT.damp_a,
                    help="damping of A, relative to its mean diagonal")
     p.add_argument("--damp-g", type=nonnegative, default=DEFAULT.damp_g,
@@ -242,10 +265,11 @@ def parse_args(argv=None):
 
 
 SAVED = "run_opt.json"              # marks a --save folder as this program's output
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 CHECKPOINT = "checkpoint.pt"
-RESULT_SETTINGS = ("model", "nsamples", "seqlen", "seed", "train_file",       # what a resumed
-                   *(f.name for f in fields(surgeon.Settings)                 # run must share
-                     if f.name != "curvature_device"))
+RESULT_SETTINGS = ("model", "dtype", "nsamples", "seqlen", "seed", "train_file",  # what a
+                   *(f.name for f in fields(surgeon.Settings)                 # resumed run must
+                     if f.name != "curvature_device"))                        # share
 
 
 def validate(args):
@@ -258,6 +282,7 @@ def validate(args):
                                                       else "cpu"))
     except ValueError as err:
         fail(str(err))
+    args.dtype = args.dtype or ("auto" if device.type == "cuda" else "float32")
     if local_path(args.model) and not os.path.isdir(os.path.expanduser(args.model)):
         fail(f"--model {args.model}: no such folder")
     for path in (args.train_file, args.test_file):
@@ -269,6 +294,8 @@ def validate(args):
         writable_file(args.json, "--json")
     if args.save:
         writable_folder(args.save, "--save", SAVED)
+        if os.path.exists(os.path.join(args.save, SAVED)):
+            print(f"--save {args.save}: replacing the model that an earlier run saved there")
     if args.resume and not args.checkpoint:
         fail("--resume needs --checkpoint DIR")
     if args.checkpoint:
@@ -341,6 +368,14 @@ def device_map(value):
             isinstance(v, int) or v in ("cpu", "disk") or str(v).startswith("cuda")
             for v in mapping.values()):
         fail(f"--device-map {value} must map module names to a GPU index, 'cpu' or 'disk'")
+    for where in sorted({str(v) for v in mapping.values()} - {"cpu", "disk"}):
+        gpu = f"cuda:{where}" if where.isdigit() else where
+        try:
+            surgeon.check_device(gpu)
+        except ValueError:
+            fail(f"--device-map {value} places modules on {gpu}, which is not available here "
+                 f"(torch sees {torch.cuda.device_count()} GPU"
+                 f"{'' if torch.cuda.device_count() == 1 else 's'})")
     return mapping
 
 
@@ -402,7 +437,7 @@ def stage(record, name, device):
 def load_tokenizer(name):
     """The tokenizer and the model's context length, without loading the weights."""
     from transformers import AutoConfig, AutoTokenizer
-    with loading(name):
+    with loading(name), compacted_quietly(name):
         tokenizer = AutoTokenizer.from_pretrained(name)
         if os.path.isdir(name):                     # compacted folders too: plain JSON
             with open(os.path.join(name, "config.json")) as f:
@@ -410,6 +445,20 @@ def load_tokenizer(name):
         else:
             config = AutoConfig.from_pretrained(name).to_dict()
     return tokenizer, config.get("max_position_embeddings") or 2048
+
+
+@contextmanager
+def compacted_quietly(name):
+    """Without transformers' warning that a compacted folder's config names an unknown model
+    type (its tokenizer is a plain one; the model loads with compact.load)."""
+    from transformers.utils import logging
+    before = logging.get_verbosity()
+    if compaction.is_compacted(name):
+        logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(before)
 
 
 def load_data(args, tokenizer, context):
@@ -470,42 +519,90 @@ def calibration_windows(ids, nsamples, seqlen, seed, source):
 
 @contextmanager
 def loading(name):
-    """Any failure to load (unknown id, no network, broken folder) as one line."""
+    """Any failure to load (unknown id, no network, broken folder) as one line; for a folder,
+    the file that is broken where one is."""
     try:
         yield
+    except Failure:
+        raise
     except Exception as err:
         first = str(err).strip().split("\n")[0]
-        fail(f"cannot load model {name!r} ({first}). Without a hub, pass a local folder with "
-             "--model /path/to/folder")
+        if not local_path(name):
+            fail(f"cannot load model {name!r} ({first}). Without a hub, pass a local folder with "
+                 "--model /path/to/folder")
+        fail(f"cannot load model {name}: {broken_file(name) or first}")
+
+
+def broken_file(folder):
+    """'FILE: what is wrong' for the first weights file of `folder` that does not read whole."""
+    from safetensors import safe_open
+    for file in sorted(os.listdir(folder)):
+        path = os.path.join(folder, file)
+        try:
+            if file.endswith(".safetensors"):
+                with safe_open(path, "pt") as f:
+                    for key in f.keys():
+                        f.get_slice(key)[-1:]          # the last row of each: reaches the end
+            elif file.endswith(".bin"):
+                torch.load(path, weights_only=True, mmap=True)
+        except Exception as err:
+            return f"{path} is broken or truncated ({str(err).strip().splitlines()[0]})"
+    return None
+
+
+def check_shapes(args, settings, calib):
+    """The model's layers built from its config alone (on the meta device: no weights, no
+    memory), checked as `surgeon.check` checks the loaded ones: N:M widths, layers that are not
+    nn.Linear (GPT-2's Conv1D). A 7B model is refused in a second, not after minutes of loading."""
+    if args.sparsity == 0 or compaction.is_compacted(args.model):
+        return
+    from transformers import AutoConfig, AutoModelForCausalLM
+    with loading(args.model):
+        config = AutoConfig.from_pretrained(args.model)
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config)
+    layers = surgeon.prunable_layers(skeleton)
+    if not layers:
+        kinds = sorted({type(m).__name__ for m in skeleton.modules()
+                        if not isinstance(m, (torch.nn.Embedding, torch.nn.Linear))
+                        and getattr(m, "weight", None) is not None and m.weight.dim() == 2})
+        fail(f"{args.model}: no prunable nn.Linear layers (its weight matrices sit in "
+             f"{', '.join(kinds) or 'no layer'} modules; only nn.Linear is pruned)")
+    try:
+        surgeon.check(settings, layers, calib)
+    except ValueError as err:
+        fail(str(err))
 
 
 def load_stage(args, device, record):
-    model = load_model(args.model, device, args.device_map)
+    model = load_model(args.model, device, args.device_map, args.dtype)
     layers = surgeon.prunable_layers(model)
     total = sum(layer.weight.numel() for layer in layers.values())
     record["params_dense"] = sum(p.numel() for p in model.parameters())
     record["sparsity_before"] = surgeon.overall_sparsity(layers)
-    print(f"model {args.model}: {record['params_dense'] / 1e6:.1f}M parameters, {len(layers)} "
-          f"prunable layers ({total / 1e6:.1f}M weights, {record['sparsity_before']:.2%} zero), "
+    record["model_dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
+    print(f"model {args.model}: {record['params_dense'] / 1e6:.1f}M parameters in "
+          f"{record['model_dtype']}, {len(layers)} prunable layers ({total / 1e6:.1f}M weights, {record['sparsity_before']:.2%} zero), "
           f"on {device}")
     return model, layers
 
 
-def load_model(name, device="cpu", device_map=None):
-    """The model in float32, compacted folders included. With a device map, accelerate places
-    the model (weights offloaded to disk go to a temporary folder)."""
+def load_model(name, device="cpu", device_map=None, dtype="float32"):
+    """The model in `dtype` (one of DTYPES; auto: the checkpoint's own), compacted folders
+    included. With a device map, accelerate places the model (weights offloaded to disk go to a
+    temporary folder)."""
     from transformers import AutoModelForCausalLM
+    dtype = dtype if dtype == "auto" else getattr(torch, dtype)
     with loading(name):
         if compaction.is_compacted(name):
-            model = compaction.load(name)
+            model = compaction.load(name, dtype)
         elif device_map:
             offload = tempfile.mkdtemp(prefix="llm-surgeon-offload-")
             atexit.register(shutil.rmtree, offload, ignore_errors=True)
-            model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32,
-                                                         device_map=device_map,
+            model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, device_map=device_map,
                                                          offload_folder=offload)
         else:
-            model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
+            model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
     model.config.use_cache = False
     if device_map:
         offloaded_access(model, offload)
@@ -513,9 +610,10 @@ def load_model(name, device="cpu", device_map=None):
     return model.to(device).eval()
 
 
-def load(name, device="cpu", device_map=None):
-    """(model, tokenizer) from a hub id or folder."""
-    return load_model(name, device, device_map), load_tokenizer(name)[0]
+def load(name, device="cpu", device_map=None, dtype="float32"):
+    """(model, tokenizer) from a hub id or a folder, a compacted one too: what `run_opt.py
+    --save` wrote loads with `model, tokenizer = run_opt.load(folder)`."""
+    return load_model(name, device, device_map, dtype), load_tokenizer(name)[0]
 
 
 def offloaded_access(model, folder):
@@ -624,11 +722,12 @@ def prune_stage(args, settings, model, layers, calib, test, device):
                                first_shot=first)
     except ValueError as err:
         fail(f"{err} {' '.join(getattr(err, '__notes__', []))}".strip())
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
         raise Interrupted(
             f"the last checkpoint is in {args.checkpoint} (after shot {shots[-1]['shot']}); "
             "run the same command with --resume to go on" if args.checkpoint and shots else
-            "no checkpoint was written (--checkpoint DIR keeps one after every shot)") from None
+            "no checkpoint was written (--checkpoint DIR keeps one after every shot)",
+            terminated=isinstance(err, Terminated)) from None
     return {**report, "shots": shots, "first_shot": first}
 
 
@@ -651,9 +750,9 @@ def write_checkpoint(folder, args, settings, layers, shots):
 def open_checkpoint(folder, args, settings):
     """The checkpoint's state (weights mapped from disk, not read), if its settings are these."""
     state = torch.load(os.path.join(folder, CHECKPOINT), weights_only=True, mmap=True)
-    now = result_settings(args, settings)
-    differ = [f"{k} ({state['settings'].get(k)!r} there, {now[k]!r} now)"
-              for k in RESULT_SETTINGS if state["settings"].get(k) != now[k]]
+    now, then = result_settings(args, settings), {"dtype": "float32", **state["settings"]}
+    differ = [f"{k} ({then.get(k)!r} there, {now[k]!r} now)"           # float32: before --dtype
+              for k in RESULT_SETTINGS if then.get(k) != now[k]]
     if differ:
         fail(f"--resume: the checkpoint in {folder} was made with other settings: "
              + ", ".join(differ))

@@ -28,6 +28,10 @@ g = dloss/dy. The Fisher of a layer is approximated by F = G (x) A, A = E[a~ a~^
 G = E[g g^T] (m, m); A_hat, G_hat are damped, A_inv, G_inv their inverses; alpha (k,), gamma (m,)
 the precisions of single coordinates (section 4); dW an update; cost a candidate's loss increase.
 
+Precision. The model keeps its dtype (float32, bfloat16 or float16): x and g are cast to float32
+before the outer products, costs and updates are float64, W~ is written back rounded to the
+model's dtype (a removed weight as an exact 0), and the low-rank adapters train in float32.
+
 Memory. A shot holds the model, the factors (float32, one A per input tensor that several layers
 read, on `curvature_device`), one float32 cost per candidate, and the float64 workspace of one
 layer at a time: its inverses are computed for the costs and again for the update.
@@ -721,9 +725,9 @@ def low_rank_phase(model: nn.Module, layers: dict[str, nn.Linear], batches, cfg:
     def delta(U, V, keep):                                                   # (U V^T) * keep
         return torch.where(keep, U @ V.T, 0.0)
 
-    def adapter_output(x, U, V, keep, n_in, bias):                              # x dW^T
+    def adapter_output(x, U, V, keep, n_in, bias):                  # x dW^T in float32
         dW = delta(U, V, keep)
-        return F.linear(x, dW[:, :n_in], dW[:, -1] if bias else None)
+        return F.linear(x.float(), dW[:, :n_in], dW[:, -1] if bias else None).to(x.dtype)
 
     def hook(name):            # dW is recomputed in the backward pass, not kept: a model's size
         def add(layer, inputs, y):

@@ -1,6 +1,7 @@
 """End-to-end tests of run_opt.py on tiny random OPT and Llama models with a word-level tokenizer,
 all written to a temp folder: no downloads."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -445,3 +446,141 @@ def test_brown_corpus_split_and_format(tmp_path):
     assert test[0] == 'Sample 0 says " hi ", 4\' 10" .\nSecond line.'.replace(" .", ".")
     assert test[1].startswith("Sample 10 ") and train[0].startswith("Sample 1 ")
     assert assets.same(str(tmp_path / "brown"), str(tmp_path / "brown"))
+
+
+# ---------------------------------------------------------------------------------------------
+# First contact: what a new user runs into, and 16-bit weights
+
+
+def one_error_line(capsys, exit, code=2):
+    assert exit.value.code == code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+def test_a_model_without_linear_layers_is_refused_before_loading(files, tmp_path, capsys,
+                                                                 monkeypatch):
+    """GPT-2's blocks hold transformers' Conv1D, not nn.Linear: one line, naming what it found."""
+    from transformers import GPT2Config, GPT2LMHeadModel, AutoTokenizer
+    GPT2LMHeadModel(GPT2Config(vocab_size=300, n_embd=16, n_layer=1, n_head=2,
+                               n_positions=64)).save_pretrained(tmp_path / "gpt2")
+    AutoTokenizer.from_pretrained(files / "opt").save_pretrained(tmp_path / "gpt2")
+    monkeypatch.setattr(run_opt, "load_model", no_loading)
+    with pytest.raises(SystemExit) as exit:
+        run_opt.main(args_for(files, "opt", "--model", str(tmp_path / "gpt2")))
+    line = one_error_line(capsys, exit)
+    assert line.startswith("error: ") and "no prunable nn.Linear layers" in line
+    assert "Conv1D" in line
+
+
+def test_n_m_that_does_not_divide_the_widths_is_refused_before_loading(files, capsys,
+                                                                       monkeypatch):
+    monkeypatch.setattr(run_opt, "load_model", no_loading)
+    with pytest.raises(SystemExit) as exit:
+        run_opt.main(args_for(files, "llama", "--structure", "2:3", "--sparsity", "0.5"))
+    assert "2:3 needs input widths divisible by 3" in one_error_line(capsys, exit)
+
+
+def test_a_truncated_weights_file_is_named(files, tmp_path, capsys):
+    import shutil
+    shutil.copytree(files / "opt", tmp_path / "opt")
+    weights = tmp_path / "opt" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1000])
+    with pytest.raises(SystemExit) as exit:
+        run_opt.main(args_for(files, "opt", "--model", str(tmp_path / "opt")))
+    line = one_error_line(capsys, exit)
+    assert f"{weights} is broken or truncated" in line and "Without a hub" not in line, line
+
+
+def test_a_device_map_onto_a_missing_gpu_is_refused_before_loading(files, tmp_path, capsys,
+                                                                   monkeypatch):
+    (tmp_path / "map.json").write_text('{"model.embed_tokens": 0, "model.layers": 7, '
+                                       '"lm_head": "cpu"}')
+    monkeypatch.setattr(run_opt, "load_model", no_loading)
+    with pytest.raises(SystemExit) as exit:
+        run_opt.main(args_for(files, "llama", "--device-map", str(tmp_path / "map.json")))
+    line = one_error_line(capsys, exit)
+    assert "places modules on cuda:0, which is not available here" in line \
+        or "places modules on cuda:7, which is not available here" in line, line
+    assert "cannot load model" not in line
+
+
+def test_save_into_an_earlier_output_says_it_replaces_it(files, tmp_path, capsys):
+    for _ in range(2):
+        run_opt.main(args_for(files, "opt", "--sparsity", "0", "--save", str(tmp_path / "out")))
+    out = capsys.readouterr().out
+    assert out.count(f"--save {tmp_path / 'out'}: replacing the model that an earlier run "
+                     "saved there") == 1
+
+
+def test_sigterm_is_treated_as_ctrl_c(files, tmp_path, monkeypatch, capsys, uninterrupted):
+    """What a batch scheduler sends at a time limit: one line, exit 143, the checkpoint of the
+    last complete shot intact, and --resume ends at the uninterrupted run's weights."""
+    import signal
+    real, calls = surgeon.shot, []
+
+    def shot(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(surgeon, "shot", shot)
+    with pytest.raises(SystemExit) as exit:
+        run_with_checkpoint(files, tmp_path / "ckpt", tmp_path / "model", "--lora-steps", "2")
+    assert exit.value.code == 143
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"terminated: the last checkpoint is in {tmp_path / 'ckpt'} (after shot 1); run the "
+        "same command with --resume to go on")
+    assert signal.getsignal(signal.SIGTERM) is not run_opt.terminate       # handler restored
+    monkeypatch.undo()
+    run_with_checkpoint(files, tmp_path / "ckpt", tmp_path / "model", "--lora-steps", "2",
+                        "--resume")
+    assert_same(pruned_weights(tmp_path / "model"), uninterrupted)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("structure,sparsity", [("unstructured", "0.5"), ("2:4", "0.5"),
+                                                ("rowcol", "0.3")])
+def test_16_bit_weights_end_to_end(files, tmp_path, dtype, structure, sparsity, device):
+    """The weights stay 16-bit through pruning and saving, removed ones exactly zero."""
+    record = run_opt.main(args_for(files, "llama", "--dtype", dtype, "--structure", structure,
+                                   "--sparsity", sparsity, "--save", str(tmp_path / "out"),
+                                   "--device", device))
+    assert record["settings"]["dtype"] == dtype and record["model_dtype"] == dtype
+    assert math.isfinite(record["ppl_pruned"])
+    saved = pruned_weights(tmp_path / "out")
+    assert {v.dtype for v in saved.values()} == {getattr(torch, dtype)}
+    pruned = [v for k, v in saved.items() if "proj" in k]
+    zeros = sum(int((v == 0).sum()) for v in pruned) / sum(v.numel() for v in pruned)
+    assert zeros == pytest.approx(record["sparsity"]) and zeros >= float(sparsity)
+    if structure == "2:4":
+        assert all(((v.reshape(-1, 4) == 0).sum(-1) == 2).all() for v in pruned)
+
+
+def test_dtype_auto_is_the_checkpoints_own(files, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    AutoModelForCausalLM.from_pretrained(files / "opt", dtype=torch.bfloat16).save_pretrained(
+        tmp_path / "bf16")
+    AutoTokenizer.from_pretrained(files / "opt").save_pretrained(tmp_path / "bf16")
+    auto = run_opt.main(args_for(files, "opt", "--model", str(tmp_path / "bf16"), "--dtype",
+                                 "auto", "--sparsity", "0"))
+    cpu_default = run_opt.main(args_for(files, "opt", "--model", str(tmp_path / "bf16"),
+                                        "--sparsity", "0"))
+    assert (auto["model_dtype"], cpu_default["model_dtype"]) == ("bfloat16", "float32")
+
+
+def test_gpu_check_runs_in_its_cpu_mode(tmp_path):
+    """benchmarks/gpu_check.py --cpu: the GPU check's code on tiny shapes, so that it cannot rot."""
+    out = tmp_path / "check.json"
+    proc = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--cpu", "--json", str(out)],
+                          cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    record = json.loads(out.read_text())
+    assert [(r["run"], r["shots_timed"]) for r in record["runs"]] == [("rowcol", 2), ("2:4", 5)]
+    for r in record["runs"]:
+        assert r["sparsity_reached"] >= r["target_reached"] and math.isfinite(r["loss_after"])
+        assert r["predicted_peak_mb"] > 0 and r["seconds_all_shots_extrapolated"] >= 0
+    assert record["runs"][1]["sparsity_reached"] == 0.5
+    assert "| tiny | rowcol | bfloat16 | 2 of 24 |" in proc.stdout

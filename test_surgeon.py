@@ -14,7 +14,6 @@ from surgeon import (Settings, column_costs, element_costs, remove_elements, rem
                      row_costs)
 
 torch.set_default_dtype(torch.float32)
-DEV = "cpu"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -551,21 +550,21 @@ def test_kfac_removes_hooks_when_the_forward_fails():
 # End to end: the multi-shot loop on tiny random models
 
 
-def calib(vocab=50, n=3, seed=0):
+def calib(vocab=50, n=3, seed=0, device="cpu"):
     gen = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, vocab, (2, 12), generator=gen) for _ in range(n)]
+    return [torch.randint(0, vocab, (2, 12), generator=gen).to(device) for _ in range(n)]
 
 
 @pytest.mark.parametrize("make", [tiny_opt, tiny_llama])
 @pytest.mark.parametrize("structure,sparsity", [("unstructured", 0.5), ("2:4", 0.5),
                                                 ("2:4", 0.3), ("rowcol", 0.3), ("4:8", 0.5),
                                                 ("1:4", 0.25), ("3:4", 0.6)])
-def test_multishot_reaches_target_and_model_runs(make, structure, sparsity):
-    model = make()
+def test_multishot_reaches_target_and_model_runs(make, structure, sparsity, device):
+    model = make().to(device)
     layers = surgeon.prunable_layers(model)
     total = sum(l.weight.numel() for l in layers.values())
     records = []
-    report = surgeon.prune(model, calib(), Settings(sparsity=sparsity, structure=structure,
+    report = surgeon.prune(model, calib(device=device), Settings(sparsity=sparsity, structure=structure,
                                                    shots=3, max_correlate=40),
                            on_shot=records.append)
     zeros = sum(int((l.weight == 0).sum()) for l in layers.values())
@@ -586,23 +585,23 @@ def test_multishot_reaches_target_and_model_runs(make, structure, sparsity):
             assert torch.equal(W == 0, dead_r[:, None] | dead_c[None, :])
             if layer.bias is not None:
                 assert (layer.bias[dead_r] == 0).all()
-    logits = model(calib()[0]).logits
+    logits = model(calib(device=device)[0]).logits
     assert torch.isfinite(logits).all()
 
 
 @pytest.mark.parametrize("make", [tiny_opt, tiny_llama])
 @pytest.mark.parametrize("shots,lora_steps,zeros", [(2, 0, 0.0), (3, 0, 0.0), (3, 2, 0.0),
                                                      (3, 0, 0.05), (6, 0, 0.0)])
-def test_rowcol_lands_on_every_shots_target(make, shots, lora_steps, zeros):
+def test_rowcol_lands_on_every_shots_target(make, shots, lora_steps, zeros, device):
     """A row or column removed in one shot kills the rows and columns that only fed it or only
     read it (their G or A diagonal is 0 in the next shot). Those cost nothing but are not yet
     zero: the threshold takes them as free candidates within the shot's target, not beyond it."""
-    model = with_exact_zeros(make(), zeros) if zeros else make()
+    model = (with_exact_zeros(make(), zeros) if zeros else make()).to(device)
     layers = surgeon.prunable_layers(model)
     total = sum(l.weight.numel() for l in layers.values())
     step = max(max(l.weight.shape) for l in layers.values())
     records = []
-    surgeon.prune(model, calib(), Settings(sparsity=0.4, structure="rowcol", shots=shots,
+    surgeon.prune(model, calib(device=device), Settings(sparsity=0.4, structure="rowcol", shots=shots,
                                            lora_steps=lora_steps), on_shot=records.append)
     for record in records:
         target, zeros = (round(record[k] * total) for k in ("target", "sparsity"))
@@ -827,14 +826,73 @@ def test_lone_module_without_blocks():
     assert (model[1].weight == 0).float().mean() == 0.5
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_matches_cpu():
-    cpu, gpu = tiny_llama(), tiny_llama().cuda()
-    s = Settings(sparsity=0.3, structure="rowcol", shots=2)
+@pytest.mark.parametrize("make", [tiny_opt, tiny_llama])
+@pytest.mark.parametrize("method", surgeon.METHODS)
+@pytest.mark.parametrize("structure,sparsity", [("unstructured", 0.5), ("2:4", 0.5),
+                                                ("4:8", 0.4), ("rowcol", 0.3)])
+def test_device_matches_cpu(make, method, structure, sparsity, device):
+    """`pytest --device cuda`: the same masks, weights within 1e-5 relative to the largest."""
+    if device == "cpu":
+        pytest.skip("compares another device with the CPU: pytest --device cuda")
+    cpu, other = make(), make().to(device)
+    s = Settings(sparsity=sparsity, structure=structure, method=method, shots=2,
+                 lora_steps=2 if structure == "rowcol" else 0)
     surgeon.prune(cpu, calib(), s)
-    surgeon.prune(gpu, [b.cuda() for b in calib()], s)
-    for a, b in zip(cpu.parameters(), gpu.parameters()):
-        assert torch.allclose(a, b.cpu(), atol=1e-4)
+    surgeon.prune(other, calib(device=device), s)
+    for (name, a), b in zip(cpu.named_parameters(), other.parameters()):
+        b = b.cpu()
+        assert torch.equal(a == 0, b == 0), name
+        assert (a - b).abs().max() <= 1e-5 * a.abs().max(), name
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("make", [tiny_opt, tiny_llama])
+@pytest.mark.parametrize("structure,sparsity", [("unstructured", 0.5), ("2:4", 0.5),
+                                                ("4:8", 0.4), ("rowcol", 0.3)])
+def test_16_bit_weights_reach_the_target(make, structure, sparsity, dtype, device):
+    """The weights stay in the model's dtype, removed ones exactly 0, N:M groups valid, the
+    model finite; the low-rank adapters (float32) fold into 16-bit weights."""
+    model = make().to(device, dtype)
+    layers = surgeon.prunable_layers(model)
+    total = sum(l.weight.numel() for l in layers.values())
+    records = []
+    surgeon.prune(model, calib(device=device), Settings(sparsity=sparsity, structure=structure,
+                                                        shots=2, lora_steps=2),
+                  on_shot=records.append)
+    step = {"unstructured": 1, "rowcol": max(max(l.weight.shape) for l in layers.values()),
+            "2:4": 2, "4:8": 4}[structure]
+    for record in records:
+        target, zeros = (round(record[k] * total) for k in ("target", "sparsity"))
+        assert target <= zeros < target + step, record
+    assert {p.dtype for p in model.parameters()} == {dtype}
+    if ":" in structure:
+        n, m = (int(v) for v in structure.split(":"))
+        for layer in layers.values():
+            assert torch.isin((layer.weight.reshape(-1, m) == 0).sum(-1).cpu(),
+                              torch.tensor([0, n])).all()
+    loss = surgeon.next_token_loss(model, calib(device=device)[0])
+    assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("structure", ["unstructured", "rowcol"])
+def test_update_of_a_bf16_layer_is_the_float32_update_rounded(structure):
+    """Costs and updates run in float64 from the same weights (bf16 values are float32 values),
+    so the written bf16 weights are the float32 model's float64 update rounded once."""
+    W, A, G, _, _ = tiny_layer(m=6, n=8, seed=3)
+    s = Settings(structure=structure)
+    out = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        layer = linear_of(W.to(torch.bfloat16).double(), 8).to(dtype)
+        q = surgeon.quadratic(layer, A.float(), G.float(), s)
+        structure_ = surgeon.structure_of(structure)
+        cand = structure_.candidates(q, "surgeon")
+        taken = structure_.select([cand], 12, 0)[0]
+        new = structure_.update(q, taken, cand, s)
+        surgeon.set_matrix(layer, new)
+        out[dtype] = (new, layer.weight.detach().clone())
+    assert torch.equal(out[torch.bfloat16][0], out[torch.float32][0])       # the same float64
+    assert torch.equal(out[torch.bfloat16][1], out[torch.float32][0].to(torch.bfloat16))
+    assert torch.equal(out[torch.bfloat16][1] == 0, out[torch.float32][1] == 0)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -228,7 +228,8 @@ def run(argv=None):
                      ("--seqlen", {"type": run_opt.positive}),
                      ("--eval-windows", {"type": run_opt.positive}),
                      ("--seed", {"type": int, "default": 0}),
-                     ("--device", {}), ("--json", {})):
+                     ("--device", {}), ("--dtype", {"choices": run_opt.DTYPES}),
+                     ("--json", {})):
         p.add_argument(flag, help="as in run_opt.py", **kw)
     p.add_argument("--skip-dense-eval", action="store_true", help="do not evaluate the dense model")
     args = p.parse_args(argv)
@@ -240,6 +241,7 @@ def run(argv=None):
         args.sparsity = n / m
     args.lora_steps, args.shots, args.device_map = 0, 1, None    # what run_opt's stages read
     device = surgeon.check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    args.dtype = args.dtype or ("auto" if device.type == "cuda" else "float32")
     if args.json:
         run_opt.writable_file(args.json, "--json")
     record = run_opt.new_record(args, device)
