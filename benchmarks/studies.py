@@ -9,6 +9,7 @@ killed run resumes from its checkpoint, as in grid.py.
     python benchmarks/studies.py lora            # interleaved low-rank updates, with and without
     python benchmarks/studies.py lora-steps      # how many low-rank steps a shot
     python benchmarks/studies.py calibration     # 8, 32 or 128 calibration windows
+    python benchmarks/studies.py dtype           # float32 or bfloat16 weights
     python benchmarks/studies.py STUDY --table-only
 
 max-correlate: one 10% unstructured shot of LLM Surgeon (the first shot of the paper's 5-shot
@@ -21,6 +22,8 @@ lora: 30% rows and columns (6 shots) and 50% unstructured (2 shots, and the pape
 hour a run on this CPU) with and without 3 low-rank steps a shot (the authors' 3 sequences a shot).
 lora-steps: 10% rows and columns in 2 shots (the README's example) with 0, 3, 10 or 30 low-rank
 steps a shot (its 3-step run is the README example's record, copied).
+dtype: the grid's protocol with float32 and with bfloat16 weights: 10% rows and columns in 2
+shots (3 low-rank steps a shot, the default) and 2:4 in one shot.
 calibration: the grid's protocol (64 evaluation windows) but 8, 32 or 128 calibration windows of
 512 tokens, for 2:4 in the paper's 5 shots (as the grid's surgeon-2:4: its 32-window run and the
 dense run are the grid's records, copied) and for 10% rows and columns in one shot.
@@ -83,6 +86,16 @@ STUDIES = {
             f"rowcol-10-windows-{n}": SURGEON + [
             "--structure", "rowcol", "--sparsity", "0.1", "--shots", "1", "--lora-steps", "0",
             "--nsamples", str(n)] for n in (128, 8, 32)},
+    },
+    "dtype": {
+        "protocol": {"nsamples": 32, "eval_windows": 64},
+        "runs": {f"{name}-{dtype}": run + ["--dtype", dtype] for dtype in ("float32", "bfloat16")
+                 for name, run in (("dense", ["--sparsity", "0"]),
+                                   ("rowcol-10", SURGEON + ["--structure", "rowcol",
+                                                            "--sparsity", "0.1", "--shots", "2",
+                                                            "--eval-every", "1"]),
+                                   ("2:4", SURGEON + ["--structure", "2:4", "--sparsity", "0.5",
+                                                      "--shots", "1", "--max-correlate", "1"]))},
     },
 }
 
