@@ -605,3 +605,27 @@ def test_pip_install_gives_the_module_and_the_command(tmp_path):
     help_ = subprocess.run([str(target / "bin" / "llm-surgeon"), "--help"], env=env, cwd=tmp_path,
                            capture_output=True, text=True)
     assert help_.returncode == 0 and "--dtype" in help_.stdout, help_.stderr[-1000:]
+
+
+def test_rowcol_in_several_shots_lands_on_the_target_in_the_saved_model(files, tmp_path):
+    """Counted in what --save wrote: the zeros of the pruned layers' weights."""
+    record = run_opt.main(args_for(files, "llama", "--structure", "rowcol", "--sparsity", "0.4",
+                                   "--shots", "3", "--save", str(tmp_path / "out")))
+    pruned = [v for k, v in pruned_weights(tmp_path / "out").items() if "layers." in k
+              and k.endswith("proj.weight")]
+    total = sum(v.numel() for v in pruned)
+    zeros = sum(int((v == 0).sum()) for v in pruned)
+    widest = max(max(v.shape) for v in pruned)
+    assert round(0.4 * total) <= zeros < round(0.4 * total) + widest     # to one candidate
+    assert zeros == round(record["sparsity"] * total)
+
+
+def test_a_compacted_folder_loads_without_a_warning(files, tmp_path):
+    saved = tmp_path / "compact"
+    run_opt.main(args_for(files, "llama", "--structure", "rowcol", "--sparsity", "0.5",
+                          "--compact", "--save", str(saved)))
+    code = f"import run_opt; m, t = run_opt.load({str(saved)!r}); print(type(m).__name__)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=os.path.dirname(os.path.abspath(__file__)), timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "LlamaForCausalLM", proc.stderr
+    assert "model of type" not in proc.stderr, proc.stderr
