@@ -50,19 +50,37 @@ def main(argv=None):
 def command_line(run, argv=None):
     """run(argv), with errors as one `error:` line (exit 2), and Ctrl-C and SIGTERM (what batch
     schedulers send at a time limit) as one line (exit 130 and 143)."""
-    before = signal.signal(signal.SIGTERM, terminate)
+    before, stdout = signal.signal(signal.SIGTERM, terminate), sys.stdout
+    if not main_rank():                        # under torchrun, rank 0 alone speaks
+        sys.stdout = open(os.devnull, "w")
     try:
         return run(argv)
     except Failure as err:
-        print(f"error: {err}", file=sys.stderr)
+        if main_rank():
+            print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     except (Interrupted, KeyboardInterrupt) as err:
         what = "terminated" if isinstance(err, Terminated) or getattr(err, "terminated", False) \
             else "interrupted"
-        print(f"{what}{': ' if str(err) else ''}{err}", file=sys.stderr)
+        if main_rank():
+            print(f"{what}{': ' if str(err) else ''}{err}", file=sys.stderr)
         sys.exit(143 if what == "terminated" else 130)
     finally:
         signal.signal(signal.SIGTERM, before)
+        if sys.stdout is not stdout:
+            sys.stdout.close()
+            sys.stdout = stdout
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def main_rank():
+    """Whether this process is rank 0 of a torchrun launch (or the only process)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def world_size():
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 class Terminated(KeyboardInterrupt):
@@ -91,6 +109,7 @@ def fail(message):
 def run(argv=None):
     args = parse_args(argv)
     device, settings = validate(args)
+    start_ranks(device)
     record = new_record(args, device)
     with stage(record, "data", device):            # the text is checked before the model loads
         tokenizer, context = load_tokenizer(args.model)
@@ -134,15 +153,16 @@ def run(argv=None):
     if compact:
         with stage(record, "compact", device):
             shapes = compact_stage(model, test, device, record)
-    if args.save:
+    if args.save and main_rank():
         with stage(record, "save", device):
             save_stage(args, model, tokenizer, shapes, record)
+    gather_peaks(record)
     print("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in record["seconds"].items())
           + f"; peak memory {max(record['peak_memory_mb'].values()):.0f} MB")
-    if args.json:
+    if args.json and main_rank():
         with open(args.json, "w") as f:
             json.dump(record, f, indent=1)
-    if args.checkpoint and args.sparsity > 0:
+    if args.checkpoint and args.sparsity > 0 and main_rank():
         path = os.path.join(args.checkpoint, CHECKPOINT)
         print(f"checkpoint of the last shot kept in {path} ({os.path.getsize(path) / 2**20:.0f} "
               "MB); delete it when the run is no longer needed")
@@ -283,6 +303,13 @@ def validate(args):
     except ValueError as err:
         fail(str(err))
     args.dtype = args.dtype or ("auto" if device.type == "cuda" else "float32")
+    if world_size() > 1:
+        if args.device_map:
+            fail("--device-map cannot be used with several processes (each rank holds the whole "
+                 "model on its own device); use one process for a model that needs several "
+                 "devices, or --curvature-device cpu to keep the factors in host memory")
+        if device.type == "cuda":                    # rank r on cuda:LOCAL_RANK
+            device = surgeon.check_device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}")
     if local_path(args.model) and not os.path.isdir(os.path.expanduser(args.model)):
         fail(f"--model {args.model}: no such folder")
     for path in (args.train_file, args.test_file):
@@ -290,16 +317,17 @@ def validate(args):
             read_text(path)
     if args.device_map:
         args.device_map = device_map(args.device_map)
-    if args.json:
+    if args.json and main_rank():                    # rank 0 alone writes (and checks) them
         writable_file(args.json, "--json")
-    if args.save:
+    if args.save and main_rank():
         writable_folder(args.save, "--save", SAVED)
         if os.path.exists(os.path.join(args.save, SAVED)):
             print(f"--save {args.save}: replacing the model that an earlier run saved there")
     if args.resume and not args.checkpoint:
         fail("--resume needs --checkpoint DIR")
     if args.checkpoint:
-        writable_folder(args.checkpoint, "--checkpoint", CHECKPOINT)
+        if main_rank():
+            writable_folder(args.checkpoint, "--checkpoint", CHECKPOINT)
         there = os.path.exists(os.path.join(args.checkpoint, CHECKPOINT))
         if args.resume and not there:
             fail(f"--resume: no checkpoint in {args.checkpoint}")
@@ -309,6 +337,15 @@ def validate(args):
             fail(f"{args.checkpoint} holds a checkpoint; pass --resume to continue that run, or "
                  "choose another folder")
     return device, settings
+
+
+def start_ranks(device):
+    """Under torchrun (WORLD_SIZE > 1), after every input is checked: the process group, gloo on
+    CPU, NCCL on CUDA. Each rank then owns a share of the layers (surgeon.Ranks)."""
+    if world_size() > 1:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
 
 
 def writable_file(path, what):
@@ -417,8 +454,17 @@ def provenance():
     return {"commit": git("rev-parse", "HEAD") or None,
             "dirty": bool(git("status", "--porcelain", "--untracked-files=no", "--", "*.py")),
             "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+            "world_size": world_size(),
             "load_average": [round(x, 2) for x in os.getloadavg()],
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def gather_peaks(record):
+    """Several ranks: each one's peak memory of every stage, as record["peak_memory_mb_ranks"]."""
+    if world_size() > 1:
+        peaks = [None] * world_size()
+        torch.distributed.all_gather_object(peaks, record["peak_memory_mb"])
+        record["peak_memory_mb_ranks"] = peaks
 
 
 @contextmanager
@@ -664,11 +710,15 @@ def latency_ms(model, batch, runs=5):
 
 @torch.no_grad()
 def perplexity(model, windows, device, desc="eval"):
-    """exp of the mean over windows of each window's mean next-token NLL."""
+    """exp of the mean over windows of each window's mean next-token NLL. Several ranks split
+    the windows and gather the NLLs (exactly: each is summed with zeros), then sum them in order."""
     from tqdm import tqdm
-    nll = [float(surgeon.next_token_loss(model, w.to(device)))
-           for w in tqdm(windows, desc=desc, leave=False, file=sys.stderr)]
-    return math.exp(sum(nll) / len(nll))
+    ranks = surgeon.Ranks({})
+    nll = torch.zeros(len(windows), dtype=torch.float64)
+    for i in tqdm(range(ranks.rank, len(windows), ranks.size), desc=desc, leave=False,
+                  file=sys.stderr, disable=not main_rank()):
+        nll[i] = float(surgeon.next_token_loss(model, windows[i].to(device)))
+    return math.exp(sum(ranks.sum(nll).tolist()) / len(windows))
 
 
 def peak_memory_mb(device):
@@ -708,7 +758,7 @@ def prune_stage(args, settings, model, layers, calib, test, device):
             shot["ppl"] = perplexity(model, test, device, f"eval shot {shot['shot']}")
         shots.append(shot)
         release_memory()
-        if args.checkpoint:
+        if args.checkpoint and main_rank():
             tic = time.perf_counter()
             write_checkpoint(args.checkpoint, args, settings, layers, shots)
             shot["seconds"]["checkpoint"] = time.perf_counter() - tic
@@ -716,7 +766,8 @@ def prune_stage(args, settings, model, layers, calib, test, device):
                    + "  ".join(f"{k} {v:.1f}s" for k, v in shot["seconds"].items())
                    + (f"  ppl {shot['ppl']:.2f}" if "ppl" in shot else ""))
 
-    progress = lambda it, desc: tqdm(it, desc=desc, leave=False, file=sys.stderr)
+    progress = lambda it, desc: tqdm(it, desc=desc, leave=False, file=sys.stderr,  # noqa: E731
+                                     disable=not main_rank())
     try:
         report = surgeon.prune(model, calib, settings, on_shot=on_shot, progress=progress,
                                first_shot=first)

@@ -4,10 +4,11 @@ A reference implementation of van der Ouderaa, Nagel, van Baalen, Asano and Blan
 "The LLM Surgeon", ICLR 2024 (arXiv 2312.17244). Read it top to bottom beside the paper:
 
   1. settings and their checks         5. OBS updates (Sec. 3.3, Eq. 6-8)
-  2. which layers are pruned           6. structures: candidates, the global threshold (Sec. 3.4)
-  3. KFAC curvature (Sec. 3.1, Eq. 3)     and what the update removes, each in one class
-  4. damping, the quadratic model      7. interleaved low-rank updates (Sec. 3.5)
-     and its costs (Sec. 3.2-3.3)      8. the multi-shot loop (Sec. 3.6)
+  2. which layers are pruned, and      6. structures: candidates, the global threshold (Sec. 3.4)
+     which rank owns each                 and what the update removes, each in one class
+  3. KFAC curvature (Sec. 3.1, Eq. 3)  7. interleaved low-rank updates (Sec. 3.5)
+  4. damping, the quadratic model      8. the multi-shot loop (Sec. 3.6)
+     and its costs (Sec. 3.2-3.3)
 
 One shot t of `shots` (`shot`, called by `prune` for t = 1 .. shots):
     target = sparsity * t / shots * weights                  # linear schedule (Sec. 3.6)
@@ -31,6 +32,10 @@ the precisions of single coordinates (section 4); dW an update; cost a candidate
 Precision. The model keeps its dtype (float32, bfloat16 or float16): x and g are cast to float32
 before the outer products, costs and updates are float64, W~ is written back rounded to the
 model's dtype (a removed weight as an exact 0), and the low-rank adapters train in float32.
+
+Several processes (torch.distributed, e.g. torchrun). Each rank holds the model and owns a share
+of the layers, for which alone it does sections 3-5; the threshold sums counts over the ranks,
+the owners send their layers' new weights to all: the single process's result, bit for bit.
 
 Memory. A shot holds the model, the factors (float32, one A per input tensor that several layers
 read, on `curvature_device`), one float32 cost per candidate, and the float64 workspace of one
@@ -133,6 +138,7 @@ def check_device(name: str) -> torch.device:
 
 # ----------------------------------------------------------------------------------------------
 # 2. Which layers: every nn.Linear inside the transformer blocks. Embeddings, norms, LM head stay.
+#    With several processes (torch.distributed), each layer is owned by one rank (Ranks).
 
 
 def prunable_layers(model: nn.Module) -> dict[str, nn.Linear]:
@@ -172,6 +178,88 @@ def set_matrix(layer: nn.Linear, W: torch.Tensor):
     layer.weight.copy_(weight)
     if bias is not None:
         layer.bias.copy_(bias)
+
+
+class Ranks:
+    """Where the processes of torch.distributed meet; with one process each method is the
+    identity. Every rank holds the model and runs every calibration window; each layer is owned
+    by one rank (contiguous shares in model order, balanced by the factors' size (n+1)^2 + m^2),
+    which alone records its factors, inverts, costs and updates it. Sums over ranks of counts
+    are exact, so the selection, and with it every weight, is the single process's."""
+
+    def __init__(self, layers: dict[str, nn.Linear]):
+        dist = torch.distributed
+        self.on = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        self.rank, self.size = (dist.get_rank(), dist.get_world_size()) if self.on else (0, 1)
+        self.comm = "cuda" if self.on and dist.get_backend() == "nccl" else "cpu"
+        self.layers, self.owner = layers, {}
+        sizes = [(layer.in_features + 1) ** 2 + layer.out_features ** 2 for layer in
+                 layers.values()]
+        before, total = 0, sum(sizes)
+        for name, size in zip(layers, sizes):
+            self.owner[name] = min(self.size - 1, int(self.size * (before + size / 2) / total))
+            before += size
+
+    def own(self, layers: dict) -> dict:
+        return {n: x for n, x in layers.items() if self.owner[n] == self.rank}
+
+    def sum(self, x: torch.Tensor) -> torch.Tensor:
+        """x summed over the ranks (a new tensor where there are several)."""
+        if not self.on:
+            return x
+        y = x.to(self.comm, copy=True)
+        torch.distributed.all_reduce(y)
+        return y.to(x.device)
+
+    def before(self, x: float) -> float:
+        """The sum of x over the ranks before this one."""
+        if not self.on:
+            return 0
+        v = torch.zeros(self.size, dtype=torch.float64)
+        v[self.rank] = x
+        return float(self.sum(v)[:self.rank].sum())
+
+    def concat(self, own: list[torch.Tensor], length) -> torch.Tensor:
+        """The vectors of all layers in model order (length(layer) each), from each rank's own."""
+        if not self.on:
+            return torch.cat(own)
+        lengths = [length(layer) for layer in self.layers.values()]
+        full, start, mine = torch.zeros(sum(lengths), dtype=own[0].dtype), 0, iter(own)
+        for name, n in zip(self.layers, lengths):
+            if self.owner[name] == self.rank:
+                full[start:start + n] = next(mine)
+            start += n
+        return self.sum(full)
+
+    def share_weights(self):
+        """Every layer's weights from its owner to every rank, bit for bit."""
+        for name, layer in self.layers.items() if self.on else ():
+            for p in (layer.weight, layer.bias):
+                if p is not None:
+                    bits = p.data.view(torch.uint8)
+                    y = bits.to(self.comm)
+                    torch.distributed.broadcast(y, src=self.owner[name])
+                    bits.copy_(y)
+
+    @contextmanager
+    def together(self):
+        """An error on one rank is raised on every rank, so that none waits in a collective."""
+        error, said = None, [None] * self.size
+        try:
+            yield
+        except Exception as err:                                # raised below, on every rank
+            if not self.on:
+                raise
+            error = err
+        if self.on:
+            torch.distributed.all_gather_object(said, error and f"{type(error).__name__}: {error}")
+        failed = [(r, text) for r, text in enumerate(said) if text]
+        if error is not None:
+            raise error
+        if failed:
+            (r, text), = failed[:1]
+            kind, _, text = text.partition(": ")
+            raise (ValueError if kind == "ValueError" else RuntimeError)(f"rank {r}: {text}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -231,12 +319,14 @@ class Recorder:
         self.batch_shape, self.last_input = ids.shape, None
         self.tokens += ids.shape[0] * (ids.shape[1] - 1)
 
-    def forward_hook(self, name):
+    def forward_hook(self, name, record=True):
+        """record=False: the gradient starts here as well, so that every rank's autograd graph
+        is the single process's, but this layer (another rank's) is not recorded."""
         def hook(layer, inputs, y):
             x = inputs[0]
-            if x is self.last_input:                       # q, k, v (gate, up) read one tensor
+            if record and x is self.last_input:              # q, k, v (gate, up) read one tensor
                 self.source[name] = self.last_name
-            else:
+            elif record:
                 self.source[name] = self.last_name = name
                 self.last_input = x
                 x = self.labelled(x.detach())                                   # (tokens, n)
@@ -244,7 +334,8 @@ class Recorder:
                 self.x_sum[name] = self.x_sum.get(name, 0) + x.sum(0)
             if not y.requires_grad:                        # parameters are frozen: let the
                 y.requires_grad_()                         # gradient start here
-            y.register_hook(self.backward_hook(name))
+            if record:
+                y.register_hook(self.backward_hook(name))
             return y
         return hook
 
@@ -286,26 +377,29 @@ def factor_bytes(layers: dict[str, nn.Linear], source: dict | None = None) -> in
 
 
 def kfac_factors(model: nn.Module, layers: dict[str, nn.Linear], batches, device=None,
-                 progress=None):
-    """A and G of every layer, averaged over the labelled tokens. Returns {name: (A, G)} in
-    float32 on `device` (default: the model's); A is (k, k), with the bias coordinate where the
-    layer has a bias. Layers that read the same input tensor share one A object."""
+                 progress=None, record=None):
+    """A and G of every layer in `record` (default: all of `layers`), averaged over the labelled
+    tokens. Returns {name: (A, G)} in float32 on `device` (default: the model's); A is (k, k),
+    with the bias coordinate where the layer has a bias. Layers that read the same input tensor
+    share one A object."""
     device = device or next(model.parameters()).device
+    record = layers if record is None else record
     rec = Recorder(device)
+    hooks = {layer: rec.forward_hook(name, name in record) for name, layer in layers.items()}
     try:
-        with frozen_with_hooks(model, {l: rec.forward_hook(n) for n, l in layers.items()}):
+        with frozen_with_hooks(model, hooks):
             for ids in (progress(batches) if progress else batches):
                 rec.start_batch(ids)
                 with torch.enable_grad():                                # also under no_grad
                     next_token_loss(model, ids).backward()
     except torch.OutOfMemoryError as err:
         rec.last_input = None
-        need = factor_bytes(layers, rec.source) / 2**30
+        need = factor_bytes(record, rec.source) / 2**30
         raise MemoryError(f"out of memory on {device} while accumulating the curvature factors, "
                           f"which take about {need:.1f} GiB there (at most); keep them in host "
                           "memory with curvature_device='cpu' (--curvature-device cpu)") from err
     rec.last_input = None             # it holds the autograd graph, whose hooks hold rec: a cycle
-    factors = assemble_factors(rec, layers)
+    factors = assemble_factors(rec, record)
     check_finite(factors)
     return factors
 
@@ -539,17 +633,21 @@ class Candidates:
     choice: torch.Tensor | None = None
 
 
-def threshold_select(costs, gains, target, zeros):
+def threshold_select(costs, gains, target, zeros, ranks):
     """Fixed gains per candidate: the shortest prefix of all candidates in cost order (a stable
     sort over the layers in turn) whose gains reach `target` zeros. Fast path, a radix select on
     the float32 bit patterns (4 passes, no sort or copy of ~1e9 costs; the tests hold it against
     the sort): the threshold thr, everything below it, then ties at thr in order until the
-    target."""
+    target. Several ranks: the histograms and counts are summed over them (exact: they count
+    weights), the ties go in layer order, rank after rank."""
+    def total(x):
+        return float(ranks.sum(torch.tensor(float(x), dtype=torch.float64)))
+
     forced = [c == REMOVED for c in costs]
-    need = target - zeros - sum(int(gn[f].sum()) for gn, f in zip(gains, forced))
+    need = target - zeros - total(sum(int(gn[f].sum()) for gn, f in zip(gains, forced)))
     if need <= 0:
         return forced
-    if sum(int(gn[~f].sum()) for gn, f in zip(gains, forced)) <= need:
+    if total(sum(int(gn[~f].sum()) for gn, f in zip(gains, forced))) <= need:
         return [torch.ones_like(f) for f in forced]            # everything is not too much
     bits = [c.view(torch.int32) for c in costs]                # ordered as non-negative floats
     thr, below = 0, 0.0                                        # below: gains of bits < thr
@@ -559,10 +657,11 @@ def threshold_select(costs, gains, target, zeros):
             same = ~f if shift == 24 else ~f & ((b >> (shift + 8)) == thr)
             hist += torch.bincount((b[same] >> shift) & 255, weights=gn[same].double(),
                                    minlength=256).cpu()
+        hist = ranks.sum(hist)
         byte = int((below + hist.cumsum(0) < need).sum())      # first byte that reaches need
         thr, below = (thr << 8) | byte, below + float(hist[:byte].sum())
     taken = [f | ((b < thr) & ~f) for f, b in zip(forced, bits)]
-    short = need - below
+    short = need - below - ranks.before(sum(int(gn[b == thr].sum()) for b, gn in zip(bits, gains)))
     for chosen, b, gn in zip(taken, bits, gains):              # ties at the threshold, in order
         if short <= 0:
             break
@@ -576,8 +675,9 @@ def threshold_select(costs, gains, target, zeros):
 class Elements:
     """Structures of single weights: the update removes a mask of them (Sec. 3.3, Eq. 7-8)."""
 
-    def select(self, cands: list[Candidates], target: int, zeros: int):
-        return threshold_select([c.cost for c in cands], [c.gain for c in cands], target, zeros)
+    def select(self, cands: list[Candidates], target: int, zeros: int, ranks: Ranks):
+        return threshold_select([c.cost for c in cands], [c.gain for c in cands], target, zeros,
+                                ranks)
 
     def update(self, q: Quadratic, taken, cand: Candidates, cfg: Settings):
         """Weights already zero stay zero: they are constraints of the update."""
@@ -640,10 +740,10 @@ class NM(Elements):
         return Candidates(cost.masked_fill(gone, REMOVED).flatten().float(),
                           gain.flatten().to(torch.uint8), choice=choice)
 
-    def select(self, cands: list[Candidates], target: int, zeros: int):
-        if target >= self.N * sum(len(c.cost) for c in cands):
+    def select(self, cands: list[Candidates], target: int, zeros: int, ranks: Ranks):
+        if target >= self.N * ranks.sum(torch.tensor(sum(len(c.cost) for c in cands))):
             return [torch.ones_like(c.cost, dtype=torch.bool) for c in cands]
-        return super().select(cands, target, zeros)
+        return super().select(cands, target, zeros, ranks)
 
     def mask(self, q: Quadratic, taken, cand: Candidates):
         return (cand.choice & taken.reshape(*cand.choice.shape[:2], 1)).reshape(q.removed.shape)
@@ -660,28 +760,32 @@ class RowCol:
         cols = column_costs(q.W, q.G, q.alpha)[:q.n_in].masked_fill(~nonzero.any(0), REMOVED)
         return Candidates(torch.cat([rows, cols]).float(), nonzero=nonzero)
 
-    def select(self, cands: list[Candidates], target: int, zeros: int):
-        """Sort all rows and columns (few); each one's gain follows from the global order: a row
-        r adds the nonzeros of its columns taken after it, sum_c nz[r, c] [rank c > rank r]."""
-        flat = torch.cat([c.cost.cpu() for c in cands])
+    def select(self, cands: list[Candidates], target: int, zeros: int, ranks: Ranks):
+        """Sort all rows and columns (few; several ranks gather them all); each one's gain
+        follows from the global order: a row r adds the nonzeros of its columns taken after it,
+        sum_c nz[r, c] [rank c > rank r]."""
+        lines = lambda layer: layer.out_features + layer.in_features            # noqa: E731
+        flat = ranks.concat([c.cost.cpu() for c in cands], lines)
         order = flat.argsort(stable=True)
         rank = torch.empty_like(order)
         rank[order] = torch.arange(len(order))
-        gains, start = [], 0
-        for c in cands:
-            m, n = c.nonzero.shape
+        mine = [n for n in ranks.layers if ranks.owner[n] == ranks.rank]
+        starts = dict(zip(ranks.layers, itertools.accumulate(
+            (lines(l) for l in ranks.layers.values()), initial=0)))
+        gains = []
+        for name, c in zip(mine, cands):
+            (m, n), start = c.nonzero.shape, starts[name]
             rank_r, rank_c = (rank[start:start + m].to(c.nonzero.device),
                               rank[start + m:start + m + n].to(c.nonzero.device))
             later = rank_c[None, :] > rank_r[:, None]                               # (m, n)
-            gains += [(c.nonzero & later).sum(1).cpu(), (c.nonzero & ~later).sum(0).cpu()]
-            start += m + n
-        added = torch.cat(gains)[order].cumsum(0)                 # zeros added by each prefix
+            gains.append(torch.cat([(c.nonzero & later).sum(1), (c.nonzero & ~later).sum(0)]).cpu())
+        added = ranks.concat(gains, lines)[order].cumsum(0)      # zeros added by each prefix
         forced = int((flat == REMOVED).sum())
         take = max(forced, min(len(flat), int((zeros + added < target).sum()) + (target > zeros)))
         taken = torch.zeros(len(flat), dtype=torch.bool)
         taken[order[:take]] = True
-        return [t.to(c.cost.device) for t, c in zip(taken.split([len(c.cost) for c in cands]),
-                                                      cands)]
+        return [taken[starts[name]:starts[name] + len(c.cost)].to(c.cost.device)
+                for name, c in zip(mine, cands)]
 
     def update(self, q: Quadratic, taken, cand: Candidates, cfg: Settings):
         """Exact joint OBS (surgeon); weights that were zero are zeroed again after it."""
@@ -774,30 +878,37 @@ def timed(seconds: dict, stage: str):
     seconds[stage] = seconds.get(stage, 0.0) + time.perf_counter() - tic
 
 
-def shot(model, layers, batches, target, cfg: Settings, progress, t: int = 1):
-    """One shot, as the module docstring shows it. Returns the seconds of each stage."""
-    structure, seconds = structure_of(cfg.structure), {}
-    with timed(seconds, "curvature"):                                      # Sec. 3.1
+def shot(model, layers, batches, target, cfg: Settings, progress, t: int = 1, ranks=None):
+    """One shot, as the module docstring shows it, of the layers this rank owns (all, for one
+    process). Returns the seconds of each stage."""
+    structure, seconds, ranks = structure_of(cfg.structure), {}, ranks or Ranks(layers)
+    own = ranks.own(layers)
+    with timed(seconds, "curvature"), ranks.together():                   # Sec. 3.1
         factors = {}
         if cfg.method != "magnitude":
             factors = kfac_factors(model, layers, progress(batches, "curvature"),
-                                   cfg.curvature_device)
+                                   cfg.curvature_device, record=own)
 
     def model_of(name, layer):                                             # Sec. 3.2, float64
         return quadratic(layer, *factors.get(name, (None, None)), cfg, name)
 
     with timed(seconds, "costs"):                                          # Sec. 3.3-3.4
-        cands = [structure.candidates(model_of(name, layer), cfg.method)
-                 for name, layer in layers.items()]
-        taken = structure.select(cands, target, count_zeros(layers))
+        with ranks.together():
+            cands = [structure.candidates(model_of(name, layer), cfg.method)
+                     for name, layer in own.items()]
+        taken = structure.select(cands, target, count_zeros(layers), ranks)
     with timed(seconds, "updates"):                                        # Sec. 3.3, Eq. 6-8
-        for (name, layer), chosen, cand in zip(progress(list(layers.items()), "updates"), taken,
-                                               cands):
-            set_matrix(layer, structure.update(model_of(name, layer), chosen, cand, cfg))
+        with ranks.together():
+            for (name, layer), chosen, cand in zip(progress(list(own.items()), "updates"), taken,
+                                                   cands):
+                set_matrix(layer, structure.update(model_of(name, layer), chosen, cand, cfg))
+        ranks.share_weights()
     del factors, cands                       # not needed by the low-rank phase: free them first
     if cfg.lora_steps:                                                     # Sec. 3.5
         with timed(seconds, "lora"):
-            low_rank_phase(model, layers, batches, cfg, seed=t)
+            with ranks.together():           # every rank the same steps on the same model
+                low_rank_phase(model, layers, batches, cfg, seed=t)
+            ranks.share_weights()
     return seconds
 
 
@@ -810,12 +921,13 @@ def prune(model: nn.Module, batches, settings: Settings, on_shot=None, progress=
     the record of every shot."""
     cfg, layers, batches = settings, prunable_layers(model), list(batches)
     check(cfg, layers, batches)
+    ranks = Ranks(layers)                   # several processes when torch.distributed is on
     total, records = sum(layer.weight.numel() for layer in layers.values()), []
     with highest_precision(), failure_note(layers, cfg.shots, records, first_shot):
         for t in range(first_shot, cfg.shots + 1) if cfg.sparsity > 0 else []:
             target = round(cfg.sparsity * total * t / cfg.shots)           # linear schedule
             labelled = _labelled(progress, t, cfg.shots)
-            seconds = shot(model, layers, batches, target, cfg, labelled, t)
+            seconds = shot(model, layers, batches, target, cfg, labelled, t, ranks)
             records.append({"shot": t, "target": target / total,
                             "sparsity": overall_sparsity(layers), "seconds": seconds})
             if on_shot:

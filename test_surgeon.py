@@ -358,8 +358,14 @@ def test_radix_select_equals_a_sort(seed):
         k = max(k, int((flat == surgeon.REMOVED).sum()))
         want = torch.zeros(len(flat), dtype=torch.bool)
         want[order[:k]] = True
-        got = surgeon.threshold_select(costs, gains, target, zeros)
+        got = surgeon.threshold_select(costs, gains, target, zeros, ranks_of([(1, 1)]))
         assert torch.equal(torch.cat(got), want), target
+
+
+def ranks_of(shapes):
+    """One process's Ranks over layers of these (m, n) shapes (no weights)."""
+    return surgeon.Ranks({str(i): nn.Linear(n, m, bias=False, device="meta")
+                          for i, (m, n) in enumerate(shapes)})
 
 
 def layers_with_zeros(shapes, seed, fraction):
@@ -378,7 +384,7 @@ def test_select_rowcol_counts_overlap_and_existing_zeros_exactly(target, fractio
     costs[1][2] = surgeon.REMOVED                              # an already removed row
     zeros = sum(int((~nz).sum()) for nz in nonzero)
     cands = [surgeon.Candidates(c, nonzero=nz) for c, nz in zip(costs, nonzero)]
-    got = surgeon.RowCol().select(cands, target, zeros)
+    got = surgeon.RowCol().select(cands, target, zeros, ranks_of(shapes))
     for a, b in zip(got, greedy(costs, nonzero, "rowcol", target)):
         assert torch.equal(a, b)
 
@@ -397,7 +403,7 @@ def test_select_elements_and_groups_count_existing_zeros(structure, target):
         c[g == 0] = surgeon.REMOVED
     zeros = sum(int((~nz).sum()) for nz in nonzero)
     cands = [surgeon.Candidates(c, g) for c, g in zip(costs, gains)]
-    got = surgeon.structure_of(structure).select(cands, target, zeros)
+    got = surgeon.structure_of(structure).select(cands, target, zeros, ranks_of([(6, 8), (3, 8)]))
     for a, b in zip(got, greedy(costs, nonzero, structure, target)):
         assert torch.equal(a, b)
     added = sum(int(g[t].sum()) for g, t in zip(gains, got))
@@ -886,7 +892,7 @@ def test_update_of_a_bf16_layer_is_the_float32_update_rounded(structure):
         q = surgeon.quadratic(layer, A.float(), G.float(), s)
         structure_ = surgeon.structure_of(structure)
         cand = structure_.candidates(q, "surgeon")
-        taken = structure_.select([cand], 12, 0)[0]
+        taken = structure_.select([cand], 12, 0, surgeon.Ranks({"layer": layer}))[0]
         new = structure_.update(q, taken, cand, s)
         surgeon.set_matrix(layer, new)
         out[dtype] = (new, layer.weight.detach().clone())

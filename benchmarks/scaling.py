@@ -33,50 +33,112 @@ def workspace_bytes(m, k):
     return 8 * (4 * m * k + 2 * k * k + 2 * m * m + max(k, m) ** 2)
 
 
+def cost_bytes_per_weight(structure):
+    """The candidates' bytes a weight: a float32 cost and a uint8 gain per weight (unstructured)
+    or per group of M (N:M, which also keeps the chosen N of each group, a bool a weight); rows
+    and columns keep the nonzero pattern, a bool a weight (their costs are few)."""
+    if structure == "unstructured":
+        return 5
+    if structure == "rowcol":
+        return 1
+    M = int(structure.split(":")[1])
+    return 5 / M + 1
+
+
 def predict(layers, source, structure):
-    """Bytes by the memory model: model (float32), KFAC factors (float32, one A per input),
-    costs (float32 + a uint8 gain per weight or group; rows and columns: the nonzero pattern, one
-    byte per weight), and the float64 workspace of the largest layer (workspace_bytes)."""
+    """Bytes by the memory model: KFAC factors (float32, one A per input), costs
+    (cost_bytes_per_weight), and the float64 workspace of the largest layer (workspace_bytes).
+    The caller adds the model."""
     import surgeon
     n_weights = sum(l.weight.numel() for l in layers.values())
-    per_candidate = 5 if structure != "rowcol" else 1      # rowcol: the nonzero pattern
+    per_candidate = cost_bytes_per_weight(structure)
     workspace = max(workspace_bytes(l.out_features, l.in_features + (l.bias is not None))
                     for l in layers.values())
-    return {"factors": surgeon.factor_bytes(layers, source), "costs": per_candidate * n_weights,
+    return {"factors": surgeon.factor_bytes(layers, source), "costs": int(per_candidate * n_weights),
             "workspace": workspace}
 
 
 # Published shapes: (hidden, ffn, blocks, kv width, vocabulary, biases)
 SHAPES = {"OPT-125m": (768, 3072, 12, 768, 50272, True),
+          "OPT-1.3B": (2048, 8192, 24, 2048, 50272, True),
+          "OPT-2.7B": (2560, 10240, 32, 2560, 50272, True),
+          "OPT-6.7B": (4096, 16384, 32, 4096, 50272, True),
+          "OPT-13B": (5120, 20480, 40, 5120, 50272, True),
           "Llama-2-7B": (4096, 11008, 32, 4096, 32000, False),
-          "Llama-2-13B": (5120, 13824, 40, 5120, 32000, False)}
+          "Llama-2-13B": (5120, 13824, 40, 5120, 32000, False),
+          "Llama-2-70B": (8192, 28672, 80, 1024, 32000, False)}
+DEVICES = (24, 48, 80, 141)                    # GB of common GPUs (24: a 4090, 141: an H200)
+
+
+def block_layers(d, f, kv, bias):
+    """(out, in, reads the input of) of every prunable layer of one block, in model order."""
+    if bias:                                   # OPT: q, k, v, out_proj, fc1, fc2
+        return [(d, d, "qkv"), (kv, d, "qkv"), (kv, d, "qkv"), (d, d, "o"), (f, d, "fc1"),
+                (d, f, "fc2")]
+    return [(d, d, "qkv"), (kv, d, "qkv"), (kv, d, "qkv"), (d, d, "o"), (f, d, "gate"),
+            (f, d, "gate"), (d, f, "down")]
+
+
+def rank_shares(layers, ranks):
+    """surgeon.Ranks' split: contiguous shares balanced by (n+1)^2 + m^2; the rank of each."""
+    sizes = [(n + 1) ** 2 + m ** 2 for m, n, _ in layers]
+    total, before, owner = sum(sizes), 0, []
+    for size in sizes:
+        owner.append(min(ranks - 1, int(ranks * (before + size / 2) / total)))
+        before += size
+    return owner
+
+
+def per_rank_bytes(name, ranks, dtype_bytes, structure, seqlen=2048):
+    """The memory model for the busiest rank: model (replicated), its factors, its costs, the
+    float64 workspace of its largest layer, and (instead of costs and workspace, while the
+    curvature pass runs) the activations of one window's backward."""
+    d, f, blocks, kv, vocab, bias = SHAPES[name]
+    b = int(bias)
+    layers = [(m, n, f"{i}.{src}") for i in range(blocks) for m, n, src in block_layers(d, f, kv,
+                                                                                         bias)]
+    owner = rank_shares(layers, ranks)
+    weights = sum(m * n for m, n, _ in layers)
+    params = weights + (vocab * d if bias else 2 * vocab * d) + (2048 * d if bias else 0)
+    worst = {}
+    for r in range(ranks):
+        mine = [layer for layer, o in zip(layers, owner) if o == r]
+        inputs = {src: n + b for m, n, src in mine}            # one A per input a rank records
+        factors = 4 * (sum(k * k for k in inputs.values()) + sum(m * m for m, _, _ in mine))
+        costs = cost_bytes_per_weight(structure) * sum(m * n for m, n, _ in mine)
+        workspace = max((workspace_bytes(m, n + b) for m, n, _ in mine), default=0)
+        if factors + costs + workspace > worst.get("factors", 0) + worst.get("costs", 0) + \
+                worst.get("workspace", 0):
+            worst = {"factors": factors, "costs": costs, "workspace": workspace}
+    activations = seqlen * vocab * (dtype_bytes + 8) + blocks * seqlen * (12 * d + 4 * f) * \
+        dtype_bytes
+    parts = {"model": dtype_bytes * params, **worst, "activations": activations}
+    parts["peak"] = parts["model"] + parts["factors"] + max(
+        parts["activations"], parts["costs"] + parts["workspace"])
+    return parts
 
 
 def model_table():
-    """The memory model applied to published shapes, in GB (2**30 bytes)."""
+    """The memory model applied to published shapes, in GB (2**30 bytes): the busiest rank's
+    peak at 1, 2, 4 and 8 ranks, with the smallest common device that holds it."""
     GB = 2**30
-    rows = []
-    for name, (d, f, blocks, kv, vocab, bias) in SHAPES.items():
-        b = int(bias)
-        # (out, in) of every prunable layer of a block, and the distinct inputs' widths
-        shapes = [(d, d), (kv, d), (kv, d), (d, d)] + \
-            ([(f, d), (d, f)] if bias else [(f, d), (f, d), (d, f)])
-        a_widths = [d + b, d + b, d + b, f + b]                 # qkv, out/o, fc1/gate+up, fc2/down
-        factors = 4 * blocks * (sum(k * k for k in a_widths) + sum(m * m for m, _ in shapes))
-        weights = blocks * sum(m * n for m, n in shapes)
-        params = weights + (vocab * d if bias else 2 * vocab * d) + (2048 * d if bias else 0)
-        workspace = max(workspace_bytes(m, n + b) for m, n in shapes)
-        model, costs, pattern = 4 * params, 5 * weights, weights
-        rows.append((name, model / GB, factors / GB, costs / GB, workspace / GB,
-                     (model + factors + costs + workspace) / GB,
-                     (model + costs + workspace) / GB, (model + factors + pattern + workspace) / GB,
-                     (model + pattern + workspace) / GB))
-    print("| model | model | factors | costs (element) | workspace | all on the device "
-          "| device, factors in host memory | rows+cols, all on the device "
-          "| rows+cols, factors in host memory |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r[0]} | " + " | ".join(f"{x:.1f}" for x in r[1:]) + " |")
+    for structure, title in (("unstructured", "element structures (unstructured; N:M needs "
+                              "less)"), ("rowcol", "rows and columns")):
+        print(f"\n{title}: the busiest rank's peak, GiB (smallest of {', '.join(map(str, DEVICES))}"
+              " GB that holds it; - none)\n")
+        print("| model | weights | model | factors, all | 1 rank | 2 ranks | 4 ranks | 8 ranks |")
+        print("|---|---|---|---|---|---|---|---|")
+        for name in SHAPES:
+            for dtype, size in (("float32", 4), ("16-bit", 2)):
+                cells = []
+                for ranks in (1, 2, 4, 8):
+                    parts = per_rank_bytes(name, ranks, size, structure)
+                    fits = next((f"{g}" for g in DEVICES if parts["peak"] <= g * 1e9), "-")
+                    cells.append(f"{parts['peak'] / GB:.1f} ({fits})")
+                    if ranks == 1:
+                        model, factors = parts["model"] / GB, parts["factors"] / GB
+                print(f"| {name} | {dtype} | {model:.1f} | {factors:.1f} | " + " | ".join(cells)
+                      + " |")
 
 
 def one(width, args):
@@ -129,7 +191,8 @@ def main():
     p.add_argument("--json", help="write all rows here")
     p.add_argument("--one", type=int, help=argparse.SUPPRESS)     # a single width, in-process
     p.add_argument("--model-table", action="store_true",
-                   help="only print the memory model for OPT-125m, Llama-2-7B and 13B")
+                   help="only print the memory model per rank for published OPT and Llama-2 "
+                        "shapes")
     args = p.parse_args()
     if args.model_table:
         return model_table()
