@@ -3,7 +3,7 @@
     python run_opt.py --model facebook/opt-125m --sparsity 0.3
 
 loads the model (float32 on CPU, the checkpoint's own dtype on CUDA), calibrates on WikiText-2 (128 random windows of 2048 tokens of the
-train split), prunes (rows and columns, 40 shots, by default), and evaluates perplexity on the
+train split), prunes (rows and columns in shots of 1.25%, by default), and evaluates perplexity on the
 test split before and after, as SparseGPT and the paper do. --model also takes a local folder and
 --train-file / --test-file local plain text, so the same command runs without a hub.
 """
@@ -225,7 +225,9 @@ def parse_args(argv=None):
                         "columns)")
     p.add_argument("--method", choices=surgeon.METHODS, default="surgeon",
                    help="LLM Surgeon, or a baseline (K-OBD, L-OBD, magnitude) from the same loop")
-    p.add_argument("--shots", type=positive, help="pruning shots (default 40 rowcol, 5 otherwise)")
+    p.add_argument("--shots", type=positive,
+                   help="pruning shots (default: rowcol the paper's 1.25%% a shot, "
+                        "ceil(sparsity / 0.0125): 24 at 0.3, 40 at 0.5; 5 otherwise)")
     p.add_argument("--nsamples", type=positive, default=128, help="calibration windows")
     p.add_argument("--seqlen", type=positive,
                    help="tokens per window (default min(2048, the model's context))")

@@ -768,7 +768,8 @@ def weights(model):
 
 def test_schedule_defaults():
     """The paper's shots; low-rank steps for LLM Surgeon on rows and columns only (measured)."""
-    assert (Settings().shots, Settings().lora_steps) == (40, 3)
+    assert (Settings().shots, Settings().lora_steps) == (40, 3)              # 50%: 1.25% a shot
+    assert [Settings(sparsity=s).shots for s in (0.0, 0.01, 0.1, 0.3, 0.35)] == [1, 1, 8, 24, 28]
     assert (Settings(structure="2:4").shots, Settings(structure="2:4").lora_steps) == (5, 0)
     assert Settings(method="kobd").lora_steps == 0 and Settings(lora_steps=0).lora_steps == 0
     assert Settings(structure="unstructured", lora_steps=2).lora_steps == 2
