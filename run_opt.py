@@ -253,7 +253,7 @@ def parse_args(argv=None):
                         "update either way)")
     p.add_argument("--max-correlate", type=positive, default=DEFAULT.max_correlate,
                    help="most removed weights solved together in an element update (1: one row "
-                        "at a time; the authors' 2000 measured no better and 9x slower, README)")
+                        "at a time; the authors' 2000 measured no better and 5.5x slower, README)")
     p.add_argument("--device-map", metavar="auto|FILE.json",
                    help="place the model across devices with accelerate: 'auto', or a JSON file "
                         "mapping module names to a GPU index, 'cpu' or 'disk'")

@@ -78,7 +78,7 @@ class Settings:
     damp_costs: bool = False          # rowcol: the costs' w^T A w, w^T G w with undamped A, G
                                       # as the authors' code (better, measured); True: A_hat, G_hat
     max_correlate: int = 1            # most removed weights solved together in an element update:
-                                      # 1 is a row at a time (authors: 2000; as good, 9x slower)
+                                      # 1 is a row at a time (authors: 2000; as good, 5.5x slower)
     curvature_device: str | None = None   # where A and G live; None: the model's device
     lora_steps: int | None = None     # interleaved low-rank steps after each shot (0: off);
                                       # None: 3 for LLM Surgeon on rowcol (better, measured), else 0

@@ -226,7 +226,7 @@ def write_table(folder):
             lines.append(f"- {name}: {shots} shot{'s' if shots > 1 else ''}"
                          + (f", max_correlate {mc}" if mc else "") + "; seconds " +
                          ", ".join(f"{k} {v:.0f}" for k, v in split.items()) +
-                         f"; peak memory {max(r['peak_memory_mb'].values()):.0f} MB")
+                         f"; peak memory {max(r['peak_memory_mb'].values()):.0f} MiB")
     for label, method in METHODS:
         r = records.get(f"{method}-rowcol-30")
         if r:

@@ -104,7 +104,7 @@ def table(study, folder):
     """One line per run: perplexity after each evaluated shot, calibration windows, seconds of
     each stage, the curvature's seconds per labelled calibration token and shot, peak."""
     lines = [f"# Study: {study}", "", "| run | perplexity | sparsity | windows | seconds of pruning "
-             "| curvature ms per token | peak MB | per shot (target: perplexity) |",
+             "| curvature ms per token | peak MiB | per shot (target: perplexity) |",
              "|---|---|---|---|---|---|---|---|"]
     for name, r in sorted(load_records(folder).items()):
         split, cfg = stage_seconds(r["shots"]), r["settings"]
