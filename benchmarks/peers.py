@@ -211,6 +211,19 @@ def parse_structure(text):
     return (structure.N, structure.M) if isinstance(structure, surgeon.NM) else (0, 0)
 
 
+def add_data_flags(p, *extra):
+    """run_opt.py's flags for the model, the text, the windows, the device and the record, and
+    those of `extra` among --dtype and --save."""
+    flags = [("--model", {"default": "facebook/opt-125m"}), ("--train-file", {}),
+             ("--test-file", {}), ("--nsamples", {"type": run_opt.positive, "default": 128}),
+             ("--seqlen", {"type": run_opt.positive}),
+             ("--eval-windows", {"type": run_opt.positive}),
+             ("--seed", {"type": int, "default": 0}), ("--device", {}), ("--json", {})]
+    optional = {"--dtype": {"choices": run_opt.DTYPES}, "--save": {}}
+    for flag, kw in flags + [(flag, optional[flag]) for flag in extra]:
+        p.add_argument(flag, help="as in run_opt.py", **kw)
+
+
 def main(argv=None):
     return run_opt.command_line(run, argv)
 
@@ -222,15 +235,7 @@ def run(argv=None):
     p.add_argument("--sparsity", type=run_opt.fraction, default=0.5,
                    help="unstructured: fraction removed from every layer (default %(default)s); "
                         "N:M removes N/M")
-    for flag, kw in (("--model", {"default": "facebook/opt-125m"}),
-                     ("--train-file", {}), ("--test-file", {}),
-                     ("--nsamples", {"type": run_opt.positive, "default": 128}),
-                     ("--seqlen", {"type": run_opt.positive}),
-                     ("--eval-windows", {"type": run_opt.positive}),
-                     ("--seed", {"type": int, "default": 0}),
-                     ("--device", {}), ("--dtype", {"choices": run_opt.DTYPES}),
-                     ("--json", {})):
-        p.add_argument(flag, help="as in run_opt.py", **kw)
+    add_data_flags(p, "--dtype")
     p.add_argument("--skip-dense-eval", action="store_true", help="do not evaluate the dense model")
     args = p.parse_args(argv)
     try:

@@ -1,0 +1,429 @@
+"""SliceGPT, the structured peer, written from its paper: Ashkboos, Croci, do Nascimento,
+Hoefler and Hensman, "SliceGPT: Compress Large Language Models by Deleting Rows and Columns",
+ICLR 2024 (arXiv 2401.15024).
+
+    python benchmarks/slicegpt.py --slicing 0.25 --model DIR --train-file TRAIN --test-file TEST \\
+        --json OUT.json [--save DIR]
+
+1. Computational invariance (Sec. 3.1-3.2): every norm becomes a scale-free RMSNorm. Its scale
+   (and LayerNorm's shift) go into the linear layers that read it; LayerNorm's mean subtraction
+   goes into everything that writes to the residual stream (embeddings, attention and MLP
+   outputs), whose outputs are then zero-mean. The tied output embedding is untied first.
+2. Rotation and slicing, block by block (Sec. 3.3-3.4): the residual stream at each point where
+   it is read (the attention's input, the MLP's input, the head's input) is rotated by the
+   eigenvectors Q of its covariance over the calibration tokens, taken through the blocks
+   already sliced, and only its first d' = (1 - slicing) D directions are kept. Readers get
+   W Q[:, :d'], writers Q[:, :d']^T W, and the residual connection between two rotations Q_i,
+   Q_j a shortcut matrix Q_i[:, :d']^T Q_j[:, :d'] (d', d').
+
+With --slicing 0 the rotated model computes the dense model's function (the tests hold its
+logits to the dense ones). OPT (pre-norm, no projections) and Llama-family models.
+"""
+import argparse
+import copy
+import json
+import os
+import sys
+
+import torch
+import torch.nn as nn
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+import run_opt  # noqa: E402
+import surgeon  # noqa: E402
+from peers import add_data_flags, block_inputs  # noqa: E402
+
+SPEC = "slicegpt.json"                   # beside a saved model: what `load` rebuilds
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(|x|^2 / D + eps): a norm without scale that divides by the unsliced width D, so
+    that it sees a sliced stream as it saw the whole one (|x Q[:, :d']| <= |x|)."""
+
+    def __init__(self, width: int, eps: float):
+        super().__init__()
+        self.width, self.eps = width, eps
+
+    def forward(self, x):
+        z = x.float()
+        return (z * torch.rsqrt(z.square().sum(-1, keepdim=True) / self.width + self.eps)).to(
+            x.dtype)
+
+
+class Architecture:
+    """Where OPT and Llama keep their parts."""
+
+    def __init__(self, model):
+        self.model = model
+        inner = model.model
+        self.opt = hasattr(inner, "decoder")
+        if self.opt:
+            dec = inner.decoder
+            if dec.project_in is not None or not model.config.do_layer_norm_before:
+                raise ValueError("SliceGPT here needs a pre-norm OPT without projections")
+            self.embeddings, self.blocks = [dec.embed_tokens, dec.embed_positions], dec.layers
+            self.final = (dec, "final_layer_norm")
+        else:
+            self.embeddings, self.blocks = [inner.embed_tokens], inner.layers
+            self.final = (inner, "norm")
+
+    def norms(self, block):
+        """(parent, name) of the norm before the attention and before the MLP."""
+        b = block.block if isinstance(block, Sliced) else block
+        return ((b, "self_attn_layer_norm"), (b, "final_layer_norm")) if self.opt else \
+            ((b, "input_layernorm"), (b, "post_attention_layernorm"))
+
+    def readers(self, block):
+        """The linear layers that read the attention's input, and the MLP's."""
+        b = block.block if isinstance(block, Sliced) else block
+        attn = [b.self_attn.q_proj, b.self_attn.k_proj, b.self_attn.v_proj]
+        return (attn, [b.fc1]) if self.opt else (attn, [b.mlp.gate_proj, b.mlp.up_proj])
+
+    def writers(self, block):
+        """The linear layers that write to the residual stream: attention output, MLP output."""
+        b = block.block if isinstance(block, Sliced) else block
+        return (b.self_attn.out_proj, b.fc2) if self.opt else (b.self_attn.o_proj, b.mlp.down_proj)
+
+
+class Sliced(nn.Module):
+    """A decoder block whose residual connections carry shortcut matrices (None: identity)."""
+
+    def __init__(self, block, opt: bool):
+        super().__init__()
+        self.block, self.opt = block, opt
+        self.attn_shortcut = self.mlp_shortcut = None
+
+    def attention(self, x, kwargs):
+        norm = self.block.self_attn_layer_norm if self.opt else self.block.input_layernorm
+        return self.block.self_attn(hidden_states=norm(x), **kwargs)[0]
+
+    def mlp(self, x):
+        b = self.block
+        if self.opt:
+            return b.fc2(b.activation_fn(b.fc1(b.final_layer_norm(x))))
+        return b.mlp(b.post_attention_layernorm(x))
+
+    @staticmethod
+    def shortcut(x, S):
+        return x if S is None else x @ S.to(x.dtype)
+
+    def forward(self, hidden_states, *args, **kwargs):
+        x = self.shortcut(hidden_states, self.attn_shortcut) + self.attention(hidden_states, kwargs)
+        return self.shortcut(x, self.mlp_shortcut) + self.mlp(x)
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. Computational invariance
+
+
+@torch.no_grad()
+def untie_head(model):
+    head = model.get_output_embeddings()
+    head.weight = nn.Parameter(head.weight.detach().clone())
+    model.config.tie_word_embeddings = False
+    if hasattr(model, "_tied_weights_keys"):
+        model._tied_weights_keys = None
+
+
+@torch.no_grad()
+def fold_norm(parent, name, readers):
+    """The norm's scale (and shift) into its readers; the norm becomes RMSNorm."""
+    norm = getattr(parent, name)
+    gamma = norm.weight.double()
+    beta = getattr(norm, "bias", None)
+    for layer in readers:
+        W = layer.weight.double()
+        if beta is not None:
+            b = W @ beta.double() + (layer.bias.double() if layer.bias is not None else 0)
+            if layer.bias is None:
+                layer.bias = nn.Parameter(torch.zeros(layer.out_features, dtype=layer.weight.dtype,
+                                                      device=layer.weight.device))
+            layer.bias.copy_(b.to(layer.bias.dtype))
+        layer.weight.copy_((W * gamma).to(layer.weight.dtype))
+    eps = getattr(norm, "eps", None) or getattr(norm, "variance_epsilon")
+    setattr(parent, name, RMSNorm(len(gamma), eps))
+
+
+@torch.no_grad()
+def center(module):
+    """Writers of the residual stream: their outputs get zero mean over the width (LayerNorm's
+    mean subtraction, moved out of the norm)."""
+    if isinstance(module, nn.Embedding):
+        W = module.weight.double()
+        module.weight.copy_((W - W.mean(1, keepdim=True)).to(module.weight.dtype))
+    else:
+        W = module.weight.double()
+        module.weight.copy_((W - W.mean(0, keepdim=True)).to(module.weight.dtype))
+        if module.bias is not None:
+            module.bias.copy_((module.bias.double() - module.bias.double().mean()).to(
+                module.bias.dtype))
+
+
+def make_invariant(model) -> Architecture:
+    """Step 1 in place: untied head, scale-free norms, blocks wrapped in Sliced (identity)."""
+    arch = Architecture(model)
+    untie_head(model)
+    for i, block in enumerate(arch.blocks):
+        (n1, n2), (r1, r2) = arch.norms(block), arch.readers(block)
+        fold_norm(*n1, r1)
+        fold_norm(*n2, r2)
+        if arch.opt:
+            for writer in arch.writers(block):
+                center(writer)
+        arch.blocks[i] = Sliced(block, arch.opt)
+    fold_norm(*arch.final, [model.get_output_embeddings()])
+    if arch.opt:
+        for embedding in arch.embeddings:
+            center(embedding)
+    return arch
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Rotation and slicing
+
+
+def principal_directions(signals):
+    """Eigenvectors of sum x^T x over every token of every window, largest eigenvalue first
+    (float64), and the eigenvalues."""
+    C = sum(x.reshape(-1, x.shape[-1]).double().T @ x.reshape(-1, x.shape[-1]).double()
+            for x in signals)
+    values, vectors = torch.linalg.eigh(C)
+    return vectors.flip(1), values.flip(0)
+
+
+@torch.no_grad()
+def read_through(layers, Q):
+    """Readers of a stream now given as x Q (d' columns): W -> W Q."""
+    for layer in layers:
+        layer.weight = nn.Parameter((layer.weight.double() @ Q).to(layer.weight.dtype))
+        layer.in_features = Q.shape[1]
+
+
+@torch.no_grad()
+def write_through(layer, Q):
+    """A writer whose output is to be x Q: W -> Q^T W, b -> Q^T b."""
+    layer.weight = nn.Parameter((Q.T @ layer.weight.double()).to(layer.weight.dtype))
+    if layer.bias is not None:
+        layer.bias = nn.Parameter((Q.T @ layer.bias.double()).to(layer.bias.dtype))
+    layer.out_features = Q.shape[1]
+
+
+@torch.no_grad()
+def rotate_and_slice(model, arch: Architecture, windows, width: int, progress=None):
+    """Step 2 in place, keeping `width` directions; returns the eigenvalues seen at each point."""
+    calls = block_inputs(model, arch.blocks, windows)              # the embeddings' outputs
+    xs = [args[0].double() for args, _ in calls]
+    Q, values = principal_directions(xs)
+    Q = Q[:, :width].to(xs[0].device)
+    seen = [values]
+    for embedding in arch.embeddings:
+        embedding.weight = nn.Parameter((embedding.weight.double() @ Q).to(embedding.weight.dtype))
+        embedding.embedding_dim = width
+    xs = [x @ Q for x in xs]                                       # the sliced stream
+
+    def turn(xs, Q, added, writer):
+        """The stream (kept coordinates of Q) plus what a writer adds (width D): its principal
+        directions Q_new, the writer rotated to them; the new stream, Q_new and the shortcut."""
+        full = [x @ Q.T + a for x, a in zip(xs, added)]
+        Q_new, values = principal_directions(full)
+        Q_new = Q_new[:, :width]
+        seen.append(values)
+        write_through(writer, Q_new)
+        return [y @ Q_new for y in full], Q_new, nn.Parameter(Q.T @ Q_new, requires_grad=False)
+
+    for block in (progress(arch.blocks) if progress else arch.blocks):
+        (r_attn, r_mlp), (w_attn, w_mlp) = arch.readers(block), arch.writers(block)
+        read_through(r_attn, Q)
+        attn = [block.attention(x.to(args[0].dtype), kwargs).double()
+                for x, (args, kwargs) in zip(xs, calls)]
+        xs, Q, block.attn_shortcut = turn(xs, Q, attn, w_attn)      # the MLP's input
+        read_through(r_mlp, Q)
+        mlp = [block.mlp(x.to(args[0].dtype)).double() for x, (args, _) in zip(xs, calls)]
+        xs, Q, block.mlp_shortcut = turn(xs, Q, mlp, w_mlp)         # the block's output
+    read_through([model.get_output_embeddings()], Q)
+    dtype = model.get_output_embeddings().weight.dtype
+    for block in arch.blocks:
+        for S in (block.attn_shortcut, block.mlp_shortcut):
+            S.data = S.data.to(dtype)
+    return seen
+
+
+def width_for(model, slicing):
+    """d' = the width that keeps (1 - slicing) of the hidden width D, to a multiple of 8."""
+    D = model.config.hidden_size
+    return max(8, int(round((1 - slicing) * D / 8)) * 8) if slicing else D
+
+
+def block_weights(model, width=None):
+    """The blocks' linear weights at width d' (default: the model's), shortcut matrices counted."""
+    c = model.config
+    D, d = c.hidden_size, width or c.hidden_size
+    heads = getattr(c, "num_attention_heads")
+    head_dim = getattr(c, "head_dim", None) or D // heads
+    kv = getattr(c, "num_key_value_heads", None) or heads
+    mlp = getattr(c, "intermediate_size", None) or c.ffn_dim
+    gated = hasattr(c, "intermediate_size")
+    per_block = d * (heads + 2 * kv) * head_dim + heads * head_dim * d + \
+        (3 if gated else 2) * d * mlp + (2 * d * d if width else 0)
+    return c.num_hidden_layers * per_block
+
+
+def slicing_for_removal(model, removed):
+    """The largest d' (multiple of 8) whose blocks keep at most (1 - removed) of the dense
+    blocks' linear weights, shortcut matrices counted as kept weights."""
+    D, dense = model.config.hidden_size, block_weights(model)
+    for d in range(D, 7, -8):
+        if block_weights(model, d) <= (1 - removed) * dense:
+            return d
+    return 8
+
+
+def slice_model(model, windows, width, progress=None):
+    """SliceGPT in place: the invariant form, then rotation and slicing to `width`."""
+    arch = make_invariant(model)
+    rotate_and_slice(model, arch, windows, width, progress)
+    model.config.slicegpt_width = width
+    return model
+
+
+# ----------------------------------------------------------------------------------------------
+# Saving and loading
+
+
+def save(model, tokenizer, folder):
+    """The sliced model's weights and config, and SPEC (its width), which `load` reads."""
+    os.makedirs(folder, exist_ok=True)
+    config = model.config.to_dict()
+    config.pop("slicegpt_width", None)
+    with open(os.path.join(folder, SPEC), "w") as f:
+        json.dump({"width": model.config.slicegpt_width, "config": config}, f)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    from safetensors.torch import save_file
+    save_file(state, os.path.join(folder, "model.safetensors"))
+    tokenizer.save_pretrained(folder)
+
+
+def load(folder):
+    """A model that `save` wrote: built from its config, made invariant and sliced in shape,
+    then its weights loaded."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+    with open(os.path.join(folder, SPEC)) as f:
+        spec = json.load(f)
+    config = dict(spec["config"])
+    config = AutoConfig.for_model(config.pop("model_type"), **config)
+    config.tie_word_embeddings = False
+    model = AutoModelForCausalLM.from_config(config)
+    arch = make_invariant(model)
+    state = load_file(os.path.join(folder, "model.safetensors"))
+    for block in arch.blocks:
+        block.attn_shortcut = nn.Parameter(torch.zeros(1), requires_grad=False)
+        block.mlp_shortcut = nn.Parameter(torch.zeros(1), requires_grad=False)
+    for name, module in model.named_modules():            # shapes as saved
+        for key in ("weight", "bias", "attn_shortcut", "mlp_shortcut"):
+            full = f"{name}.{key}" if name else key
+            p = getattr(module, key, None)
+            if isinstance(p, nn.Parameter) and full in state and p.shape != state[full].shape:
+                setattr(module, key, nn.Parameter(torch.empty_like(state[full]),
+                                                  requires_grad=key in ("weight", "bias")))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or missing:
+        raise ValueError(f"{folder}: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            module.out_features, module.in_features = module.weight.shape
+        elif isinstance(module, nn.Embedding):
+            module.embedding_dim = module.weight.shape[1]
+    model.config.slicegpt_width = spec["width"]
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------------------------
+# The command line: run_opt.py's data, evaluation and record
+
+
+def main(argv=None):
+    return run_opt.command_line(run, argv)
+
+
+def run(argv=None):
+    p = run_opt.Parser(description=__doc__.split("\n")[0], formatter_class=run_opt.Help)
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--slicing", type=run_opt.fraction,
+                       help="fraction of the hidden width sliced off (the paper's setting)")
+    group.add_argument("--remove", type=run_opt.fraction,
+                       help="fraction of the blocks' linear weights to remove, the shortcut "
+                            "matrices counted as weights kept")
+    add_data_flags(p, "--save")
+    p.add_argument("--compact-latency", action="store_true",
+                   help="time the forward pass of 8 test windows, dense and sliced")
+    p.add_argument("--skip-dense-eval", action="store_true", help="do not evaluate the dense model")
+    args = p.parse_args(argv)
+    args.method, args.device_map, args.dtype = "slicegpt", None, "float32"  # run_opt's stages
+    device = surgeon.check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.json:
+        run_opt.writable_file(args.json, "--json")
+    if args.save:
+        run_opt.writable_folder(args.save, "--save", SPEC)
+    record = run_opt.new_record(args, device)
+    with run_opt.stage(record, "data", device):
+        tokenizer, context = run_opt.load_tokenizer(args.model)
+        seqlen = args.seqlen or min(2048, context)
+        test = run_opt.eval_windows(run_opt.token_ids(tokenizer, args.test_file, "test"), seqlen,
+                                    args.eval_windows, args.test_file or "WikiText-2 test")
+        calib = run_opt.calibration_windows(run_opt.token_ids(tokenizer, args.train_file, "train"),
+                                            args.nsamples, seqlen, args.seed,
+                                            args.train_file or "WikiText-2 train")
+        print(f"calibration: {len(calib)} windows, evaluation: {len(test)} windows of {seqlen}")
+    with run_opt.stage(record, "load", device):
+        model, layers = run_opt.load_stage(args, device, record)
+        calib = [w.to(device) for w in calib]
+    width = width_for(model, args.slicing) if args.remove is None else \
+        slicing_for_removal(model, args.remove)
+    dense_blocks, params_dense = block_weights(model), sum(p.numel() for p in model.parameters())
+    record["ppl_dense"] = None
+    if not args.skip_dense_eval:
+        with run_opt.stage(record, "eval_dense", device):
+            record["ppl_dense"] = run_opt.perplexity(model, test, device, "eval dense")
+        print(f"dense perplexity: {record['ppl_dense']:.2f}")
+    batch = torch.cat(test[:8]).to(device)
+    dense = copy.deepcopy(model) if args.compact_latency else None     # timed beside the sliced
+    D = model.config.hidden_size
+    print(f"slicing the hidden width {D} -> {width}")
+    from tqdm import tqdm
+    with run_opt.stage(record, "prune", device):
+        slice_model(model, calib, width,
+                    progress=lambda it: tqdm(it, desc="blocks", leave=False, file=sys.stderr))
+    if dense is not None:                           # one right after the other: the same load
+        record["latency_ms_dense"] = run_opt.latency_ms(dense, batch)
+        record["latency_ms_compact"] = run_opt.latency_ms(model, batch)
+        del dense
+        print(f"forward latency, batch {tuple(batch.shape)}: dense {record['latency_ms_dense']:.0f}"
+              f" ms -> sliced {record['latency_ms_compact']:.0f} ms")
+    with run_opt.stage(record, "eval_pruned", device):
+        record["ppl_pruned"] = run_opt.perplexity(model, test, device, "eval sliced")
+    kept = block_weights(model, width)
+    record.update(width=width, hidden_size=D, blocks_weights_dense=dense_blocks,
+                  blocks_weights_kept=kept, sparsity=1 - kept / dense_blocks,
+                  params_dense=params_dense,
+                  params_compact=sum(p.numel() for p in model.parameters()),
+                  shots=[{"shot": 1, "target": args.remove if args.remove is not None else None,
+                          "sparsity": 1 - kept / dense_blocks,
+                          "seconds": {"prune": record["seconds"]["prune"]}}], layers={})
+    print(f"blocks' linear weights: {dense_blocks / 1e6:.1f}M -> {kept / 1e6:.1f}M "
+          f"({1 - kept / dense_blocks:.1%} removed, shortcut matrices counted); parameters "
+          f"{params_dense / 1e6:.1f}M -> {record['params_compact'] / 1e6:.1f}M")
+    print(f"perplexity: dense {record['ppl_dense'] or float('nan'):.2f} -> sliced "
+          f"{record['ppl_pruned']:.2f}")
+    if args.save:
+        save(model, tokenizer, args.save)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(record, f, indent=1)
+    return record
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""Tests for benchmarks/slicegpt.py (SliceGPT, the structured peer) on tiny random OPT and Llama
+models with random norm scales and shifts: the rotated model computes the dense function, the
+slice keeps the leading principal directions, the sliced model saves and loads. Nothing is
+downloaded."""
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "benchmarks"))
+import slicegpt  # noqa: E402
+from test_surgeon import calib, tiny_llama, tiny_opt  # noqa: E402
+
+
+def with_random_norms(model, seed=0):
+    """Norm scales and shifts away from their 1 and 0 at init, so that folding them is tested."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if "Norm" in type(module).__name__:
+                module.weight.copy_(1 + 0.3 * torch.randn(module.weight.shape, generator=gen))
+                if getattr(module, "bias", None) is not None:
+                    module.bias.copy_(0.3 * torch.randn(module.bias.shape, generator=gen))
+    return model
+
+
+def tied_llama():
+    model = tiny_llama()
+    model.config.tie_word_embeddings = True
+    model.lm_head.weight = model.model.embed_tokens.weight
+    return model
+
+
+MODELS = {"opt": tiny_opt, "llama": tiny_llama, "tied llama": tied_llama}
+
+
+@torch.no_grad()
+def logits(model, ids):
+    return model(ids).logits.double()
+
+
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_rotated_unsliced_model_computes_the_dense_function(kind):
+    """Computational invariance (Sec. 3.1-3.2): norms folded, every stream rotated, nothing
+    sliced: the dense logits to 1e-5."""
+    model = with_random_norms(MODELS[kind]())
+    ids = calib(n=1, seed=7)[0]
+    dense = logits(model, ids)
+    arch = slicegpt.make_invariant(model)
+    assert torch.allclose(logits(model, ids), dense, atol=1e-5, rtol=0)
+    slicegpt.rotate_and_slice(model, arch, calib(), model.config.hidden_size)
+    assert all(block.attn_shortcut is not None for block in arch.blocks)
+    assert torch.allclose(logits(model, ids), dense, atol=1e-5, rtol=0)
+    if kind == "tied llama":                           # untied: the head is rotated alone
+        assert model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr()
+
+
+@pytest.mark.parametrize("kind", ["opt", "llama"])
+def test_slicing_keeps_the_leading_principal_directions(kind):
+    """The embeddings' outputs over the calibration tokens, in the kept coordinates: their second
+    moment is diagonal and holds the largest eigenvalues of the unsliced one, largest first."""
+    model = with_random_norms(MODELS[kind]())
+    arch = slicegpt.make_invariant(model)
+    from peers import block_inputs
+    before = [args[0].double() for args, _ in block_inputs(model, arch.blocks, calib())]
+    values = torch.linalg.eigvalsh(sum(x.reshape(-1, 16).T @ x.reshape(-1, 16) for x in before))
+    seen = slicegpt.rotate_and_slice(model, arch, calib(), 8)
+    assert torch.allclose(seen[0], values.flip(0), rtol=1e-9, atol=1e-9)
+    after = [args[0].double() for args, _ in block_inputs(model, arch.blocks, calib())]
+    C = sum(x.reshape(-1, 8).T @ x.reshape(-1, 8) for x in after)
+    assert torch.allclose(C, torch.diag(values.flip(0)[:8]), atol=1e-4 * values.max())
+    assert model.get_input_embeddings().weight.shape[1] == 8
+    assert torch.isfinite(logits(model, calib()[0])).all()
+
+
+@pytest.mark.parametrize("kind", ["opt", "llama"])
+def test_sliced_model_saves_and_loads(kind, tmp_path):
+    from test_run_opt import make_files
+    from transformers import AutoTokenizer
+    files = make_files(tmp_path)
+    tokenizer = AutoTokenizer.from_pretrained(files / "opt")
+    model = with_random_norms(MODELS[kind]())
+    slicegpt.slice_model(model, calib(), 8)
+    ids = calib()[0]
+    slicegpt.save(model, tokenizer, tmp_path / "sliced")
+    again = slicegpt.load(tmp_path / "sliced")
+    assert torch.equal(logits(again, ids), logits(model, ids))
+    assert sum(p.numel() for p in again.parameters()) == sum(p.numel() for p in model.parameters())
+
+
+def test_width_for_a_removal_counts_the_shortcut_matrices():
+    model = tiny_llama(hidden=64)
+    dense = slicegpt.block_weights(model)
+    for removed in (0.1, 0.2, 0.3):
+        d = slicegpt.slicing_for_removal(model, removed)
+        assert slicegpt.block_weights(model, d) <= (1 - removed) * dense
+        assert d == 64 or slicegpt.block_weights(model, d + 8) > (1 - removed) * dense
+    # the shortcut matrices are weights kept: slicing 1/8 of the width keeps more than 7/8
+    assert slicegpt.block_weights(model, 56) > dense * 56 / 64
+
+
+def test_command_line_writes_a_record(tmp_path):
+    from test_run_opt import make_files
+    files = make_files(tmp_path)
+    record = slicegpt.main(["--remove", "0.2", "--model", str(files / "llama"), "--train-file",
+                            str(files / "train.txt"), "--test-file", str(files / "test.txt"),
+                            "--nsamples", "2", "--seqlen", "16", "--eval-windows", "2",
+                            "--device", "cpu", "--json", str(tmp_path / "r.json"),
+                            "--compact-latency", "--save", str(tmp_path / "sliced")])
+    assert (tmp_path / "r.json").exists() and record["sparsity"] >= 0.2
+    assert record["width"] < record["hidden_size"] and record["ppl_pruned"] > 0
+    assert record["params_compact"] < record["params_dense"]
+    assert "latency_ms_compact" in record
+    assert torch.isfinite(logits(slicegpt.load(tmp_path / "sliced"), calib()[0])).all()
