@@ -240,7 +240,8 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=DTYPES,
                    help="the weights' dtype: auto is the checkpoint's own (float16 or bfloat16 "
                         "for most); factors are float32 and updates float64 either way (default: "
-                        "auto on CUDA; float32 on CPU, where 16-bit arithmetic is slow)")
+                        "auto on CUDA; float32 on CPU, where 16-bit speed depends on the "
+                        "processor: bfloat16 was faster on the one benchmarks/README.md used)")
     p.add_argument("--damp-a", type=nonnegative, default=DEFAULT.damp_a,
                    help="damping of A, relative to its mean diagonal")
     p.add_argument("--damp-g", type=nonnegative, default=DEFAULT.damp_g,

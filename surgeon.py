@@ -215,8 +215,6 @@ class Ranks:
 
     def before(self, x: float) -> float:
         """The sum of x over the ranks before this one."""
-        if not self.on:
-            return 0
         v = torch.zeros(self.size, dtype=torch.float64)
         v[self.rank] = x
         return float(self.sum(v)[:self.rank].sum())
@@ -663,7 +661,9 @@ def threshold_select(costs, gains, target, zeros, ranks):
         byte = int((below + hist.cumsum(0) < need).sum())      # first byte that reaches need
         thr, below = (thr << 8) | byte, below + float(hist[:byte].sum())
     taken = [f | ((b < thr) & ~f) for f, b in zip(forced, bits)]
-    short = need - below - ranks.before(sum(int(gn[b == thr].sum()) for b, gn in zip(bits, gains)))
+    short = need - below                                       # ties of the ranks before go first
+    if ranks.on:
+        short -= ranks.before(sum(int(gn[b == thr].sum()) for b, gn in zip(bits, gains)))
     for chosen, b, gn in zip(taken, bits, gains):              # ties at the threshold, in order
         if short <= 0:
             break
@@ -743,7 +743,7 @@ class NM(Elements):
                           gain.flatten().to(torch.uint8), choice=choice)
 
     def select(self, cands: list[Candidates], target: int, zeros: int, ranks: Ranks):
-        if target >= self.N * ranks.sum(torch.tensor(sum(len(c.cost) for c in cands))):
+        if target >= self.N * int(ranks.sum(torch.tensor(sum(len(c.cost) for c in cands)))):
             return [torch.ones_like(c.cost, dtype=torch.bool) for c in cands]
         return super().select(cands, target, zeros, ranks)
 
@@ -771,7 +771,7 @@ class RowCol:
         order = flat.argsort(stable=True)
         rank = torch.empty_like(order)
         rank[order] = torch.arange(len(order))
-        mine = [n for n in ranks.layers if ranks.owner[n] == ranks.rank]
+        mine = list(ranks.own(ranks.layers))
         starts = dict(zip(ranks.layers, itertools.accumulate(
             (lines(l) for l in ranks.layers.values()), initial=0)))
         gains = []

@@ -118,6 +118,43 @@ def per_rank_bytes(name, ranks, dtype_bytes, structure, seqlen=2048):
     return parts
 
 
+def predict_folder(folder, dtype_bytes, structure, seqlen, ranks=1):
+    """The memory model for a run of run_opt.py on the model in `folder` (its config alone, no
+    weights): bytes of each part on the busiest rank, "runtime" (python, torch and transformers,
+    measured here) included, and "peak"."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+    import surgeon
+    config = AutoConfig.from_pretrained(folder)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    layers = surgeon.prunable_layers(model)
+    shapes = [(l.out_features, l.in_features, l.bias is not None) for l in layers.values()]
+    owner = rank_shares([(m, n, None) for m, n, _ in shapes], ranks)
+    names, worst = list(layers), None
+    for r in range(ranks):
+        mine = {n: layers[n] for n, o in zip(names, owner) if o == r}
+        source = {}                             # q/k/v read one input, gate/up (fc1 alone) one
+        for n in mine:
+            block, kind = n.rsplit(".", 2)[0], n.rsplit(".", 1)[-1]
+            first = {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj"}.get(kind)
+            source[n] = f"{block}.{first}" if first and f"{block}.{first}" in mine else n
+        parts = predict(mine, source, structure) if mine else \
+            {"factors": 0, "costs": 0, "workspace": 0}
+        if worst is None or sum(parts.values()) > sum(worst.values()):
+            worst = parts
+    d, V = config.hidden_size, config.vocab_size
+    f = getattr(config, "intermediate_size", None) or config.ffn_dim
+    activations = seqlen * V * (dtype_bytes + 8) + config.num_hidden_layers * seqlen * (
+        12 * d + 4 * f) * dtype_bytes
+    parts = {"runtime": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+             "model": sum(p.numel() for p in model.parameters()) * dtype_bytes, **worst,
+             "activations": activations}
+    parts["peak"] = parts["runtime"] + parts["model"] + parts["factors"] + max(
+        activations, parts["costs"] + parts["workspace"])
+    return parts
+
+
 def model_table():
     """The memory model applied to published shapes, in GB (2**30 bytes): the busiest rank's
     peak at 1, 2, 4 and 8 ranks, with the smallest common device that holds it."""
@@ -139,6 +176,25 @@ def model_table():
                         model, factors = parts["model"] / GB, parts["factors"] / GB
                 print(f"| {name} | {dtype} | {model:.1f} | {factors:.1f} | " + " | ".join(cells)
                       + " |")
+
+
+def against(paths):
+    """The memory model's peak beside the measured peak of each record, in MiB."""
+    print("| record | measured peak MiB | predicted | of it: model, factors, costs + workspace, "
+          "activations | error |")
+    print("|---|---|---|---|---|")
+    for path in paths:
+        with open(path) as f:
+            r = json.load(f)
+        cfg = r["settings"]
+        size = {"float32": 4, "bfloat16": 2, "float16": 2}[r.get("model_dtype", "float32")]
+        ranks = r["provenance"].get("world_size", 1)
+        parts = predict_folder(cfg["model"], size, cfg["structure"], cfg["seqlen"], ranks)
+        peaks = [max(p.values()) for p in r.get("peak_memory_mb_ranks", [r["peak_memory_mb"]])]
+        measured, mib = max(peaks), {k: v / 2**20 for k, v in parts.items()}
+        print(f"| {os.path.relpath(path)} | {measured:.0f} | {mib['peak']:.0f} | {mib['model']:.0f}, "
+              f"{mib['factors']:.0f}, {mib['costs'] + mib['workspace']:.0f}, "
+              f"{mib['activations']:.0f} | {mib['peak'] / measured - 1:+.0%} |")
 
 
 def one(width, args):
@@ -193,9 +249,14 @@ def main():
     p.add_argument("--model-table", action="store_true",
                    help="only print the memory model per rank for published OPT and Llama-2 "
                         "shapes")
+    p.add_argument("--against", nargs="+", metavar="RECORD",
+                   help="only print the memory model's peak for these run_opt.py records (their "
+                        "model, dtype, structure, window length and ranks) beside their peaks")
     args = p.parse_args()
     if args.model_table:
         return model_table()
+    if args.against:
+        return against(args.against)
     if args.one:
         print(json.dumps(one(args.one, args)))
         return
