@@ -1,11 +1,13 @@
 """Prune an OPT or Llama-family model with The LLM Surgeon and measure its perplexity.
 
     python run_opt.py --model facebook/opt-125m --sparsity 0.3
+    torchrun --nproc-per-node 4 run_opt.py ...          # several processes (GPUs), same weights
 
-loads the model (float32 on CPU, the checkpoint's own dtype on CUDA), calibrates on WikiText-2 (128 random windows of 2048 tokens of the
-train split), prunes (rows and columns in shots of 1.25%, by default), and evaluates perplexity on the
-test split before and after, as SparseGPT and the paper do. --model also takes a local folder and
---train-file / --test-file local plain text, so the same command runs without a hub.
+loads the model (float32 on CPU, the checkpoint's own dtype on CUDA), calibrates on WikiText-2
+(128 random windows of 2048 tokens of the train split), prunes (rows and columns in shots of
+1.25%, by default), and evaluates perplexity on the test split before and after, as SparseGPT
+and the paper do. --model also takes a local folder and --train-file / --test-file local plain
+text, so the same command runs without a hub.
 """
 import argparse
 import atexit
