@@ -56,8 +56,9 @@ def opt_model(shape, dtype, device):
     return model
 
 
-def predicted_bytes(model, layers, structure, device):
-    """The memory model: model + factors + costs + the largest layer's float64 workspace."""
+def predicted_bytes(model, layers, structure, device, seqlen):
+    """The memory model (benchmarks/scaling.py): model + factors + the larger of one window's
+    activations and costs + the largest layer's float64 workspace."""
     rec = surgeon.Recorder(device)                               # which layers share an input
     ids = torch.zeros(1, 2, dtype=torch.long, device=device)
     with surgeon.frozen_with_hooks(model, {l: rec.forward_hook(n) for n, l in layers.items()}), \
@@ -65,7 +66,11 @@ def predicted_bytes(model, layers, structure, device):
         rec.start_batch(ids)
         model(ids)
     parts = scaling.predict(layers, rec.source, structure)
-    parts["model"] = sum(p.numel() * p.element_size() for p in model.parameters())
+    size = next(model.parameters()).element_size()
+    parts["model"] = sum(p.numel() for p in model.parameters()) * size
+    c = model.config
+    parts["activations"] = scaling.activation_bytes(seqlen, c.vocab_size, c.hidden_size, c.ffn_dim,
+                                                    c.num_hidden_layers, size)
     return parts
 
 
@@ -106,7 +111,7 @@ def timed_run(shape, run, args, device):
         pass
     seconds = time.perf_counter() - tic
     peak = torch.cuda.max_memory_allocated(device) if cuda else None
-    parts = predicted_bytes(model, layers, structure, device)
+    parts = predicted_bytes(model, layers, structure, device, args.seqlen)
     with torch.no_grad():
         loss = float(surgeon.next_token_loss(model, batches[0]))
     stages = {}
@@ -124,7 +129,7 @@ def timed_run(shape, run, args, device):
            "loss_after": round(loss, 4),
            "peak_gpu_mb": round(peak / 2**20, 1) if peak else None,
            "predicted_mb": {k: round(v / 2**20, 1) for k, v in parts.items()},
-           "predicted_peak_mb": round(sum(parts.values()) / 2**20, 1)}
+           "predicted_peak_mb": round(scaling.peak_bytes(parts) / 2**20, 1)}
     del model, layers, batches
     if cuda:
         torch.cuda.empty_cache()

@@ -79,6 +79,18 @@ def block_layers(d, f, kv, bias):
             (f, d, "gate"), (d, f, "down")]
 
 
+def activation_bytes(seqlen, vocab, d, f, blocks, dtype_bytes):
+    """The curvature pass's backward on one window: the logits in the model's dtype, their
+    float32 copy and gradient, and about 12 widths and 4 MLP widths a token a block saved."""
+    return seqlen * vocab * (dtype_bytes + 8) + blocks * seqlen * (12 * d + 4 * f) * dtype_bytes
+
+
+def peak_bytes(parts):
+    """The activations live during the curvature pass, the costs and workspace after it."""
+    return parts["model"] + parts["factors"] + max(parts["activations"],
+                                                    parts["costs"] + parts["workspace"])
+
+
 def rank_shares(layers, ranks):
     """surgeon.Ranks' split: contiguous shares balanced by (n+1)^2 + m^2; the rank of each."""
     sizes = [(n + 1) ** 2 + m ** 2 for m, n, _ in layers]
@@ -110,11 +122,9 @@ def per_rank_bytes(name, ranks, dtype_bytes, structure, seqlen=2048):
         if factors + costs + workspace > worst.get("factors", 0) + worst.get("costs", 0) + \
                 worst.get("workspace", 0):
             worst = {"factors": factors, "costs": costs, "workspace": workspace}
-    activations = seqlen * vocab * (dtype_bytes + 8) + blocks * seqlen * (12 * d + 4 * f) * \
-        dtype_bytes
+    activations = activation_bytes(seqlen, vocab, d, f, blocks, dtype_bytes)
     parts = {"model": dtype_bytes * params, **worst, "activations": activations}
-    parts["peak"] = parts["model"] + parts["factors"] + max(
-        parts["activations"], parts["costs"] + parts["workspace"])
+    parts["peak"] = peak_bytes(parts)
     return parts
 
 
@@ -145,13 +155,11 @@ def predict_folder(folder, dtype_bytes, structure, seqlen, ranks=1):
             worst = parts
     d, V = config.hidden_size, config.vocab_size
     f = getattr(config, "intermediate_size", None) or config.ffn_dim
-    activations = seqlen * V * (dtype_bytes + 8) + config.num_hidden_layers * seqlen * (
-        12 * d + 4 * f) * dtype_bytes
+    activations = activation_bytes(seqlen, V, d, f, config.num_hidden_layers, dtype_bytes)
     parts = {"runtime": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
              "model": sum(p.numel() for p in model.parameters()) * dtype_bytes, **worst,
              "activations": activations}
-    parts["peak"] = parts["runtime"] + parts["model"] + parts["factors"] + max(
-        activations, parts["costs"] + parts["workspace"])
+    parts["peak"] = parts["runtime"] + peak_bytes(parts)
     return parts
 
 
