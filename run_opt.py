@@ -168,6 +168,9 @@ def run(argv=None):
         path = os.path.join(args.checkpoint, CHECKPOINT)
         print(f"checkpoint of the last shot kept in {path} ({os.path.getsize(path) / 2**20:.0f} "
               "MB); delete it when the run is no longer needed")
+    if world_size() > 1:                      # every rank done before any leaves the group
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
     return record
 
 
