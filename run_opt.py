@@ -46,7 +46,16 @@ DEFAULT = surgeon.Settings()          # the method's defaults are Settings'; the
 
 
 def main(argv=None):
-    return command_line(run, argv)
+    if world_size() == 1:
+        return command_line(run, argv)
+    try:                          # under torchrun: the ranks met at a barrier when done; leave
+        command_line(run, argv)   # without the interpreter's teardown, where gloo's threads can
+        code = 0                  # abort a finished rank ("terminate called without an active
+    except SystemExit as exit:    # exception")
+        code = exit.code if isinstance(exit.code, int) else 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def command_line(run, argv=None):
@@ -72,8 +81,6 @@ def command_line(run, argv=None):
         if sys.stdout is not stdout:
             sys.stdout.close()
             sys.stdout = stdout
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
 
 
 def main_rank():
@@ -168,9 +175,8 @@ def run(argv=None):
         path = os.path.join(args.checkpoint, CHECKPOINT)
         print(f"checkpoint of the last shot kept in {path} ({os.path.getsize(path) / 2**20:.0f} "
               "MB); delete it when the run is no longer needed")
-    if world_size() > 1:                      # every rank done before any leaves the group
+    if world_size() > 1:                      # every rank done before any leaves (main)
         torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
     return record
 
 

@@ -40,6 +40,7 @@ def worker(rank, size, store, out, configs):
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=size)
     try:
         torch.save({config: pruned(config) for config in configs}, f"{out}.{rank}")
+        dist.barrier()                          # no rank leaves gloo while another still works
     finally:
         dist.destroy_process_group()
 
@@ -101,6 +102,8 @@ def failing_worker(rank, size, store, out):
         message = "no error"
     except ValueError as err:
         message = str(err)
+    try:
+        dist.barrier()
     finally:
         dist.destroy_process_group()
     with open(f"{out}.{rank}", "w") as f:
