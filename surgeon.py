@@ -194,13 +194,19 @@ class Ranks:
         self.on = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         self.rank, self.size = (dist.get_rank(), dist.get_world_size()) if self.on else (0, 1)
         self.comm = "cuda" if self.on and dist.get_backend() == "nccl" else "cpu"
-        self.layers, self.owner = layers, {}
-        sizes = [(layer.in_features + 1) ** 2 + layer.out_features ** 2 for layer in
-                 layers.values()]
-        before, total = 0, sum(sizes)
-        for name, size in zip(layers, sizes):
-            self.owner[name] = min(self.size - 1, int(self.size * (before + size / 2) / total))
+        self.layers = layers
+        self.owner = dict(zip(layers, self.split([(l.out_features, l.in_features)
+                                                  for l in layers.values()], self.size)))
+
+    @staticmethod
+    def split(shapes: list[tuple[int, int]], ranks: int) -> list[int]:
+        """The rank of each (m, n) layer: contiguous shares balanced by (n+1)^2 + m^2."""
+        sizes = [(n + 1) ** 2 + m ** 2 for m, n in shapes]
+        owner, before, total = [], 0, sum(sizes)
+        for size in sizes:
+            owner.append(min(ranks - 1, int(ranks * (before + size / 2) / total)))
             before += size
+        return owner
 
     def own(self, layers: dict) -> dict:
         return {n: x for n, x in layers.items() if self.owner[n] == self.rank}

@@ -91,16 +91,6 @@ def peak_bytes(parts):
                                                     parts["costs"] + parts["workspace"])
 
 
-def rank_shares(layers, ranks):
-    """surgeon.Ranks' split: contiguous shares balanced by (n+1)^2 + m^2; the rank of each."""
-    sizes = [(n + 1) ** 2 + m ** 2 for m, n, _ in layers]
-    total, before, owner = sum(sizes), 0, []
-    for size in sizes:
-        owner.append(min(ranks - 1, int(ranks * (before + size / 2) / total)))
-        before += size
-    return owner
-
-
 def per_rank_bytes(name, ranks, dtype_bytes, structure, seqlen=2048):
     """The memory model for the busiest rank: model (replicated), its factors, its costs, the
     float64 workspace of its largest layer, and (instead of costs and workspace, while the
@@ -109,7 +99,8 @@ def per_rank_bytes(name, ranks, dtype_bytes, structure, seqlen=2048):
     b = int(bias)
     layers = [(m, n, f"{i}.{src}") for i in range(blocks) for m, n, src in block_layers(d, f, kv,
                                                                                          bias)]
-    owner = rank_shares(layers, ranks)
+    import surgeon
+    owner = surgeon.Ranks.split([(m, n) for m, n, _ in layers], ranks)
     weights = sum(m * n for m, n, _ in layers)
     params = weights + (vocab * d if bias else 2 * vocab * d) + (2048 * d if bias else 0)
     worst = {}
@@ -140,7 +131,7 @@ def predict_folder(folder, dtype_bytes, structure, seqlen, ranks=1):
         model = AutoModelForCausalLM.from_config(config)
     layers = surgeon.prunable_layers(model)
     shapes = [(l.out_features, l.in_features, l.bias is not None) for l in layers.values()]
-    owner = rank_shares([(m, n, None) for m, n, _ in shapes], ranks)
+    owner = surgeon.Ranks.split([(m, n) for m, n, _ in shapes], ranks)
     names, worst = list(layers), None
     for r in range(ranks):
         mine = {n: layers[n] for n, o in zip(names, owner) if o == r}

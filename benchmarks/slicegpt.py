@@ -69,21 +69,25 @@ class Architecture:
             self.embeddings, self.blocks = [inner.embed_tokens], inner.layers
             self.final = (inner, "norm")
 
+    @staticmethod
+    def inner(block):
+        return block.block if isinstance(block, Sliced) else block
+
     def norms(self, block):
         """(parent, name) of the norm before the attention and before the MLP."""
-        b = block.block if isinstance(block, Sliced) else block
+        b = self.inner(block)
         return ((b, "self_attn_layer_norm"), (b, "final_layer_norm")) if self.opt else \
             ((b, "input_layernorm"), (b, "post_attention_layernorm"))
 
     def readers(self, block):
         """The linear layers that read the attention's input, and the MLP's."""
-        b = block.block if isinstance(block, Sliced) else block
+        b = self.inner(block)
         attn = [b.self_attn.q_proj, b.self_attn.k_proj, b.self_attn.v_proj]
         return (attn, [b.fc1]) if self.opt else (attn, [b.mlp.gate_proj, b.mlp.up_proj])
 
     def writers(self, block):
         """The linear layers that write to the residual stream: attention output, MLP output."""
-        b = block.block if isinstance(block, Sliced) else block
+        b = self.inner(block)
         return (b.self_attn.out_proj, b.fc2) if self.opt else (b.self_attn.o_proj, b.mlp.down_proj)
 
 
