@@ -55,6 +55,8 @@ def main(argv=None):
         code = exit.code if isinstance(exit.code, int) else 1
     sys.stdout.flush()
     sys.stderr.flush()
+    if code and not main_rank():  # torchrun stops every rank when one exits: rank 0, which
+        time.sleep(2)             # failed alike, says why first
     os._exit(code)
 
 
@@ -594,7 +596,8 @@ def loading(name):
 
 
 def broken_file(folder):
-    """'FILE: what is wrong' for the first weights file of `folder` that does not read whole."""
+    """'PATH is broken or truncated (why)' for the first weights file of `folder` that does not
+    read to its end, or None."""
     from safetensors import safe_open
     for file in sorted(os.listdir(folder)):
         path = os.path.join(folder, file)
@@ -642,7 +645,8 @@ def load_stage(args, device, record):
     record["sparsity_before"] = surgeon.overall_sparsity(layers)
     record["model_dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
     print(f"model {args.model}: {record['params_dense'] / 1e6:.1f}M parameters in "
-          f"{record['model_dtype']}, {len(layers)} prunable layers ({total / 1e6:.1f}M weights, {record['sparsity_before']:.2%} zero), "
+          f"{record['model_dtype']}, {len(layers)} prunable layers ({total / 1e6:.1f}M weights, "
+          f"{record['sparsity_before']:.2%} zero), "
           f"on {device}")
     return model, layers
 
