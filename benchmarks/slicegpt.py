@@ -14,7 +14,9 @@ ICLR 2024 (arXiv 2401.15024).
    eigenvectors Q of its covariance over the calibration tokens, taken through the blocks
    already sliced, and only its first d' = (1 - slicing) D directions are kept. Readers get
    W Q[:, :d'], writers Q[:, :d']^T W, and the residual connection between two rotations Q_i,
-   Q_j a shortcut matrix Q_i[:, :d']^T Q_j[:, :d'] (d', d').
+   Q_j a shortcut matrix Q_i[:, :d']^T Q_j[:, :d'] (d', d'). The last block's output, which
+   the head reads, is rotated but not sliced (the authors' code slices the head only on request):
+   its MLP writes all D directions and its shortcut is (d', D).
 
 With --slicing 0 the rotated model computes the dense model's function (the tests hold its
 logits to the dense ones). OPT (pre-norm, no projections) and Llama-family models.
@@ -216,7 +218,8 @@ def write_through(layer, Q):
 
 @torch.no_grad()
 def rotate_and_slice(model, arch: Architecture, windows, width: int, progress=None):
-    """Step 2 in place, keeping `width` directions; returns the eigenvalues seen at each point."""
+    """Step 2 in place, keeping `width` directions (all D at the head's input); returns the
+    eigenvalues seen at each point."""
     calls = block_inputs(model, arch.blocks, windows)              # the embeddings' outputs
     xs = [args[0].double() for args, _ in calls]
     Q, values = principal_directions(xs)
@@ -227,16 +230,18 @@ def rotate_and_slice(model, arch: Architecture, windows, width: int, progress=No
         embedding.embedding_dim = width
     xs = [x @ Q for x in xs]                                       # the sliced stream
 
-    def turn(xs, Q, added, writer):
+    def turn(xs, Q, added, writer, keep=width):
         """The stream (kept coordinates of Q) plus what a writer adds (width D): its principal
-        directions Q_new, the writer rotated to them; the new stream, Q_new and the shortcut."""
+        directions Q_new (the first `keep`), the writer rotated to them; the new stream, Q_new
+        and the shortcut."""
         full = [x @ Q.T + a for x, a in zip(xs, added)]
         Q_new, values = principal_directions(full)
-        Q_new = Q_new[:, :width]
+        Q_new = Q_new[:, :keep]
         seen.append(values)
         write_through(writer, Q_new)
         return [y @ Q_new for y in full], Q_new, nn.Parameter(Q.T @ Q_new, requires_grad=False)
 
+    last = arch.blocks[-1]
     for block in (progress(arch.blocks) if progress else arch.blocks):
         (r_attn, r_mlp), (w_attn, w_mlp) = arch.readers(block), arch.writers(block)
         read_through(r_attn, Q)
@@ -245,7 +250,8 @@ def rotate_and_slice(model, arch: Architecture, windows, width: int, progress=No
         xs, Q, block.attn_shortcut = turn(xs, Q, attn, w_attn)      # the MLP's input
         read_through(r_mlp, Q)
         mlp = [block.mlp(x.to(args[0].dtype)).double() for x, (args, _) in zip(xs, calls)]
-        xs, Q, block.mlp_shortcut = turn(xs, Q, mlp, w_mlp)         # the block's output
+        keep = len(Q) if block is last else width                   # the head reads all D
+        xs, Q, block.mlp_shortcut = turn(xs, Q, mlp, w_mlp, keep)   # the block's output
     read_through([model.get_output_embeddings()], Q)
     dtype = model.get_output_embeddings().weight.dtype
     for block in arch.blocks:
@@ -261,7 +267,8 @@ def width_for(model, slicing):
 
 
 def block_weights(model, width=None):
-    """The blocks' linear weights at width d' (default: the model's), shortcut matrices counted."""
+    """The blocks' linear weights at width d' (default: the model's), shortcut matrices counted;
+    the last block's MLP output and shortcut write all D directions."""
     c = model.config
     D, d = c.hidden_size, width or c.hidden_size
     heads = getattr(c, "num_attention_heads")
@@ -271,7 +278,8 @@ def block_weights(model, width=None):
     gated = hasattr(c, "intermediate_size")
     per_block = d * (heads + 2 * kv) * head_dim + heads * head_dim * d + \
         (3 if gated else 2) * d * mlp + (2 * d * d if width else 0)
-    return c.num_hidden_layers * per_block
+    last = (D - d) * mlp + ((D - d) * d if width else 0)        # its MLP writes D, shortcut (d', D)
+    return c.num_hidden_layers * per_block + last
 
 
 def slicing_for_removal(model, removed):
