@@ -89,6 +89,37 @@ def test_sliced_model_saves_and_loads(kind, tmp_path):
     assert sum(p.numel() for p in again.parameters()) == sum(p.numel() for p in model.parameters())
 
 
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_counts_match_the_sliced_model(kind):
+    """block_weights and model_params, computed before slicing, are the sliced model's counts;
+    the head reads all D directions (the last block writes D, its MLP shortcut is (d', D))."""
+    model = with_random_norms(MODELS[kind]())
+    D = model.config.hidden_size
+    arch = slicegpt.make_invariant(model)
+    blocks, params = slicegpt.block_weights(model, 8), slicegpt.model_params(arch, 8)
+    slicegpt.slice_model(model, calib(), 8, arch=arch)
+    linear = sum(layer.weight.numel() for block in arch.blocks
+                 for layer in [*sum(arch.readers(block), []), *arch.writers(block)])
+    shortcuts = sum(S.numel() for block in arch.blocks for S in (block.attn_shortcut,
+                                                                   block.mlp_shortcut))
+    assert blocks == linear + shortcuts
+    assert params == sum(p.numel() for p in model.parameters())
+    assert model.get_output_embeddings().weight.shape[1] == D
+    assert arch.blocks[-1].mlp_shortcut.shape == (8, D)
+    assert arch.blocks[0].mlp_shortcut.shape == (8, 8)
+
+
+def test_width_for_a_parameter_count():
+    model = tiny_llama(hidden=64)
+    arch = slicegpt.make_invariant(model)
+
+    def count(d):
+        return slicegpt.model_params(arch, d)
+    for params in (count(64) - 1, count(40)):
+        d = slicegpt.width_for_params(arch, params)
+        assert count(d) <= params < count(d + 8)
+
+
 def test_width_for_a_removal_counts_the_shortcut_matrices():
     model = tiny_llama(hidden=64)
     dense = slicegpt.block_weights(model)
@@ -100,16 +131,21 @@ def test_width_for_a_removal_counts_the_shortcut_matrices():
     assert slicegpt.block_weights(model, 56) > dense * 56 / 64
 
 
-def test_command_line_writes_a_record(tmp_path):
+@pytest.mark.parametrize("flag", ["--remove", "--match-rowcol"])
+def test_command_line_writes_a_record(flag, tmp_path):
     from test_run_opt import make_files
     files = make_files(tmp_path)
-    record = slicegpt.main(["--remove", "0.2", "--model", str(files / "llama"), "--train-file",
+    record = slicegpt.main([flag, "0.2", "--model", str(files / "llama"), "--train-file",
                             str(files / "train.txt"), "--test-file", str(files / "test.txt"),
                             "--nsamples", "2", "--seqlen", "16", "--eval-windows", "2",
                             "--device", "cpu", "--json", str(tmp_path / "r.json"),
                             "--compact-latency", "--save", str(tmp_path / "sliced")])
-    assert (tmp_path / "r.json").exists() and record["sparsity"] >= 0.2
-    assert record["width"] < record["hidden_size"] and record["ppl_pruned"] > 0
-    assert record["params_compact"] < record["params_dense"]
+    assert (tmp_path / "r.json").exists() and record["ppl_pruned"] > 0
+    assert record["width"] < record["hidden_size"]
+    if flag == "--remove":
+        assert record["sparsity"] >= 0.2 and record["params_compact"] < record["params_dense"]
+    else:                      # the whole model within the dense count less 20% of the blocks'
+        assert record["params_compact"] <= record["params_dense"] - \
+            0.2 * record["blocks_weights_dense"]
     assert "latency_ms_compact" in record
     assert torch.isfinite(logits(slicegpt.load(tmp_path / "sliced"), calib()[0])).all()

@@ -33,7 +33,7 @@ def rowcol_curves(records):
         for name, r in sorted(records.items()):
             if not name.startswith(f"{method}-rowcol-"):
                 continue
-            shots, steps = r["settings"]["shots"], r["settings"].get("lora_steps", 0)
+            shots, steps = r["settings"].get("shots", 1), r["settings"].get("lora_steps", 0)
             key = f"{label}, {shots} shots" if shots > 1 else f"{label}, one shot each"
             key += f", {steps} low-rank steps a shot" if steps else ""
             found = curves.setdefault(key, dict(start))

@@ -89,13 +89,23 @@ GRID = {
 PEERS = {f"{method}-{name}": ["--method", method, "--structure", structure, "--sparsity", "0.5"]
          for method in ("sparsegpt", "wanda")
          for name, structure in (("unstructured-50", "unstructured"), ("2:4", "2:4"))}
+# name: benchmarks/slicegpt.py arguments. SliceGPT removing 10/20/30% of the blocks' linear
+# weights (its shortcut matrices counted as kept), and with as many parameters in the whole
+# model as rows and columns pruned to 10/20/30% leave (-params); the 30% models are saved.
+SLICEGPT = {f"slicegpt-rowcol-{p}{suffix}": [flag, f"0.{p // 10}", "--compact-latency"] +
+            (["--save", f"out/slicegpt-rowcol-{p}{suffix}"] if p == 30 else [])
+            for suffix, flag in (("", "--remove"), ("-params", "--match-rowcol"))
+            for p in (10, 20, 30)}
 COLUMNS = [("50% unstructured", "unstructured-50"), ("2:4", "2:4"), ("10% rows+cols", "rowcol-10"),
            ("20% rows+cols", "rowcol-20"), ("30% rows+cols", "rowcol-30")]
 METHODS = [("magnitude", "magnitude"), ("Wanda", "wanda"), ("SparseGPT", "sparsegpt"),
-           ("L-OBD", "lobd"), ("K-OBD", "kobd"), ("LLM Surgeon", "surgeon")]
+           ("SliceGPT", "slicegpt"), ("L-OBD", "lobd"), ("K-OBD", "kobd"),
+           ("LLM Surgeon", "surgeon")]
 VARIANTS = [("K-OBD, 10% a shot", "kobd", "-shots-3"),          # rows and columns, faster
             ("LLM Surgeon, 5% a shot", "surgeon", "-shots-6"),
-            ("LLM Surgeon, 3 low-rank steps a shot", "surgeon", "-lora")]
+            ("LLM Surgeon, 3 low-rank steps a shot", "surgeon", "-lora"),
+            ("LLM Surgeon, 10 low-rank steps a shot", "surgeon", "-lora-10"),
+            ("SliceGPT, LLM Surgeon's parameter count", "slicegpt", "-params")]
 
 
 def common_args(args):
@@ -137,6 +147,7 @@ def run(args):
         run_entries({name: GRID[name]}, args.results, common_args(args), args.only)
         write_table(args.results)
     run_entries(PEERS, args.results, common_args(args), args.only, "benchmarks/peers.py")
+    run_entries(SLICEGPT, args.results, common_args(args), args.only, "benchmarks/slicegpt.py")
     write_table(args.results)
 
 
@@ -213,26 +224,26 @@ def write_table(folder):
         cells = []
         for _, column in COLUMNS:
             c = cell(records, method, column, variant)
-            peer = method in ("sparsegpt", "wanda") and column.startswith("rowcol")
+            rows = column.startswith("rowcol")
             cells.append(f"{c[0]:.2f} ({c[1]:.1%}, {c[2]:.0f} s)" if c else
-                         "removes no rows" if peer else "" if variant and
-                         not column.startswith("rowcol") else "not run")
+                         "removes no rows" if method in ("sparsegpt", "wanda") and rows else
+                         "" if (variant or method == "slicegpt") and not rows else "not run")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += ["", "Seconds of pruning: curvature, costs and updates of every shot (evaluations "
               "and checkpoints not counted). Settings of each run are in its JSON record.", ""]
-    for name in [*GRID, *PEERS]:
+    for name in [*GRID, *PEERS, *SLICEGPT]:
         r = records.get(name.replace(":", ""))
         if r and r.get("shots"):
             split = stage_seconds(r["shots"])
             mc = r["settings"].get("max_correlate")
-            shots = r["settings"]["shots"]
+            shots = r["settings"].get("shots", 1)
             lines.append(f"- {name}: {shots} shot{'s' if shots > 1 else ''}"
                          + (f", max_correlate {mc}" if mc else "") + "; seconds " +
                          ", ".join(f"{k} {v:.0f}" for k, v in split.items()) +
                          f"; peak memory {max(r['peak_memory_mb'].values()):.0f} MiB")
     for label, method in METHODS:
         r = records.get(f"{method}-rowcol-30")
-        if r:
+        if r and r["layers"]:
             lines += ["", f"Sparsity per layer (percent zero) of {label} at 30% rows and columns:",
                       "", *allocation(r["layers"])]
     with open(folder.rstrip("/") + ".md", "w") as f:

@@ -282,20 +282,44 @@ def block_weights(model, width=None):
     return c.num_hidden_layers * per_block + last
 
 
+def model_params(arch: Architecture, width: int) -> int:
+    """Parameters of the whole model at width d', from the invariant model `arch` (untied head,
+    scale-free norms) before slicing: embeddings (V, d'), the blocks as `block_weights` counts
+    them, the writers' biases d' (D for the last MLP's); every other parameter as it is."""
+    model, D = arch.model, arch.model.config.hidden_size
+    sliced = sum(e.weight.numel() for e in arch.embeddings)        # embeddings' D axis
+    sliced += sum(w.bias.numel() for block in arch.blocks[:-1] for w in arch.writers(block)
+                  if w.bias is not None)
+    w = arch.writers(arch.blocks[-1])[0]
+    sliced += w.bias.numel() if w.bias is not None else 0
+    linear = sum(layer.weight.numel() for block in arch.blocks
+                 for layer in [*sum(arch.readers(block), []), *arch.writers(block)])
+    total = sum(p.numel() for p in model.parameters())
+    return total - linear + block_weights(model, width) - sliced + sliced * width // D
+
+
+def largest_width(fits, D):
+    """The largest d' (a multiple of 8, at least 8) for which fits(d') holds."""
+    return next((d for d in range(D, 7, -8) if fits(d)), 8)
+
+
 def slicing_for_removal(model, removed):
-    """The largest d' (multiple of 8) whose blocks keep at most (1 - removed) of the dense
-    blocks' linear weights, shortcut matrices counted as kept weights."""
-    D, dense = model.config.hidden_size, block_weights(model)
-    for d in range(D, 7, -8):
-        if block_weights(model, d) <= (1 - removed) * dense:
-            return d
-    return 8
+    """The largest d' whose blocks keep at most (1 - removed) of the dense blocks' linear
+    weights, shortcut matrices counted as kept weights."""
+    dense = block_weights(model)
+    return largest_width(lambda d: block_weights(model, d) <= (1 - removed) * dense,
+                         model.config.hidden_size)
 
 
-def slice_model(model, windows, width, progress=None):
-    """SliceGPT in place: the invariant form, then rotation and slicing to `width`."""
-    arch = make_invariant(model)
-    rotate_and_slice(model, arch, windows, width, progress)
+def width_for_params(arch: Architecture, params: int) -> int:
+    """The largest d' whose whole model has at most `params` parameters."""
+    return largest_width(lambda d: model_params(arch, d) <= params, arch.model.config.hidden_size)
+
+
+def slice_model(model, windows, width, progress=None, arch=None):
+    """SliceGPT in place: the invariant form (unless `arch` says it is made already), then
+    rotation and slicing to `width`."""
+    rotate_and_slice(model, arch or make_invariant(model), windows, width, progress)
     model.config.slicegpt_width = width
     return model
 
@@ -368,6 +392,10 @@ def run(argv=None):
     group.add_argument("--remove", type=run_opt.fraction,
                        help="fraction of the blocks' linear weights to remove, the shortcut "
                             "matrices counted as weights kept")
+    group.add_argument("--match-rowcol", type=run_opt.fraction, metavar="F",
+                       help="as many parameters in the whole model as the dense one keeps with a "
+                            "fraction F of its blocks' linear weights removed (rows and columns "
+                            "pruned to F, zeros not counted)")
     add_data_flags(p, "--save")
     p.add_argument("--compact-latency", action="store_true",
                    help="time the forward pass of 8 test windows, dense and sliced")
@@ -392,8 +420,6 @@ def run(argv=None):
     with run_opt.stage(record, "load", device):
         model, layers = run_opt.load_stage(args, device, record)
         calib = [w.to(device) for w in calib]
-    width = width_for(model, args.slicing) if args.remove is None else \
-        slicing_for_removal(model, args.remove)
     dense_blocks, params_dense = block_weights(model), sum(p.numel() for p in model.parameters())
     record["ppl_dense"] = None
     if not args.skip_dense_eval:
@@ -403,10 +429,17 @@ def run(argv=None):
     batch = torch.cat(test[:8]).to(device)
     dense = copy.deepcopy(model) if args.compact_latency else None     # timed beside the sliced
     D = model.config.hidden_size
-    print(f"slicing the hidden width {D} -> {width}")
     from tqdm import tqdm
     with run_opt.stage(record, "prune", device):
-        slice_model(model, calib, width,
+        arch = make_invariant(model)
+        if args.slicing is not None:
+            width = width_for(model, args.slicing)
+        elif args.remove is not None:
+            width = slicing_for_removal(model, args.remove)
+        else:
+            width = width_for_params(arch, params_dense - round(args.match_rowcol * dense_blocks))
+        print(f"slicing the hidden width {D} -> {width}")
+        slice_model(model, calib, width, arch=arch,
                     progress=lambda it: tqdm(it, desc="blocks", leave=False, file=sys.stderr))
     if dense is not None:                           # one right after the other: the same load
         record["latency_ms_dense"] = run_opt.latency_ms(dense, batch)
@@ -421,7 +454,7 @@ def run(argv=None):
                   blocks_weights_kept=kept, sparsity=1 - kept / dense_blocks,
                   params_dense=params_dense,
                   params_compact=sum(p.numel() for p in model.parameters()),
-                  shots=[{"shot": 1, "target": args.remove if args.remove is not None else None,
+                  shots=[{"shot": 1, "target": args.remove,
                           "sparsity": 1 - kept / dense_blocks,
                           "seconds": {"prune": record["seconds"]["prune"]}}], layers={})
     print(f"blocks' linear weights: {dense_blocks / 1e6:.1f}M -> {kept / 1e6:.1f}M "
