@@ -2,7 +2,8 @@
 
 - FOLDER-rowcol.png: perplexity against sparsity for rows and columns, log scale (as the paper's
   figures), every evaluated shot: one curve per multi-shot run (with or without low-rank
-  updates), and one per method for its one-shot runs; a second panel zooms on those below 300.
+  updates), and one per method for its one-shot runs; a second panel zooms on the points below
+  300 (a curve with at least two of them besides dense).
 - FOLDER-quality-time.png: perplexity against seconds of pruning at 50% unstructured and at 2:4,
   every method; LLM Surgeon once per number of shots that has a record (NAME-shots-K runs).
 
@@ -64,19 +65,21 @@ def title(records):
 
 
 def rowcol_figure(records, out):
-    """Left every curve (log scale); right, zoomed, the curves that stay below 300."""
+    """Left every curve (log scale); right, zoomed, the points below 300."""
     curves = rowcol_curves(records)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, zoom in zip(axes, (False, True)):
         for i, ((label, curve), marker) in enumerate(zip(curves.items(), "v^sodpx*")):
-            if len(curve) > 1 and not (zoom and max(v for _, v in curve) > 300):
+            if zoom:
+                curve = [(s, v) for s, v in curve if v <= 300]
+            if len(curve) > (2 if zoom else 1):
                 x, y = zip(*curve)                                  # one colour a curve in both
                 ax.plot([100 * s for s in x], y, marker=marker, label=label, markersize=4,
                         color=f"C{i}")
         ax.set_yscale("log")
         ax.set_xlabel("sparsity of the pruned layers (%), rows and columns")
         ax.set_ylabel("test perplexity")
-        ax.set_title(title(records) + (", below 300" if zoom else ""), fontsize=10)
+        ax.set_title(title(records) + (", points below 300" if zoom else ""), fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()

@@ -229,8 +229,9 @@ def write_table(folder):
                          "removes no rows" if method in ("sparsegpt", "wanda") and rows else
                          "" if (variant or method == "slicegpt") and not rows else "not run")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    lines += ["", "Seconds of pruning: curvature, costs and updates of every shot (evaluations "
-              "and checkpoints not counted). Settings of each run are in its JSON record.", ""]
+    lines += ["", "Seconds of pruning: curvature, costs, updates and low-rank steps of every shot "
+              "(SliceGPT: its slicing; evaluations and checkpoints not counted). Settings of each "
+              "run are in its JSON record.", ""]
     for name in [*GRID, *PEERS, *SLICEGPT]:
         r = records.get(name.replace(":", ""))
         if r and r.get("shots"):
