@@ -149,3 +149,31 @@ def test_command_line_writes_a_record(flag, tmp_path):
             0.2 * record["blocks_weights_dense"]
     assert "latency_ms_compact" in record
     assert torch.isfinite(logits(slicegpt.load(tmp_path / "sliced"), calib()[0])).all()
+
+
+def test_latency_compares_saved_models(tmp_path):
+    """benchmarks/latency.py loads a Hugging Face folder, a compacted LLM Surgeon folder and a
+    sliced one, and scores each as the run that saved it did."""
+    import json
+    import latency
+    import run_opt
+    from test_run_opt import args_for, make_files
+    files = make_files(tmp_path)
+    sliced = slicegpt.main(["--remove", "0.2", "--model", str(files / "llama"), "--train-file",
+                            str(files / "train.txt"), "--test-file", str(files / "test.txt"),
+                            "--nsamples", "4", "--seqlen", "32", "--eval-windows", "4",
+                            "--device", "cpu", "--save", str(tmp_path / "sliced")])
+    pruned = run_opt.main(args_for(files, "llama", "--structure", "rowcol", "--sparsity", "0.4",
+                                   "--lora-steps", "0", "--compact",
+                                   "--save", str(tmp_path / "surgeon")))
+    latency.main(["--test-file", str(files / "test.txt"), "--seqlen", "32", "--eval-windows", "4",
+                  "--rounds", "2", "--json", str(tmp_path / "l.json"), f"dense={files / 'llama'}",
+                  f"surgeon={tmp_path / 'surgeon'}", f"sliced={tmp_path / 'sliced'}"])
+    record = json.loads((tmp_path / "l.json").read_text())
+    assert record["dense"]["ppl"] == pytest.approx(pruned["ppl_dense"], rel=1e-6)
+    assert record["surgeon"]["ppl"] == pytest.approx(pruned["ppl_compact"], rel=1e-6)
+    assert record["sliced"]["ppl"] == pytest.approx(sliced["ppl_pruned"], rel=1e-6)
+    assert record["surgeon"]["params"] == pruned["params_compact"]
+    assert record["sliced"]["params"] == sliced["params_compact"]
+    assert all(len(record[n]["times_ms"]) == 2 and record[n]["latency_ms"] > 0
+               for n in ("dense", "surgeon", "sliced"))

@@ -1,0 +1,89 @@
+"""Saved pruned models side by side: parameters, perplexity and the forward latency of the same
+batch, timed in turns (model 1, model 2, ..., again) so that every model sees the same load.
+
+    OMP_NUM_THREADS=2 python benchmarks/latency.py --test-file benchmarks/assets/brown/test.txt \\
+        --eval-windows 64 --json benchmarks/latency/rowcol-30.json \\
+        dense=benchmarks/assets/smollm2-135m-instruct \\
+        surgeon=out/surgeon-rowcol-30-lora-10 slicegpt=out/slicegpt-rowcol-30
+
+Each NAME=FOLDER is a Hugging Face folder, a folder that `run_opt.py --save` wrote (compacted or
+not) or one that `slicegpt.py --save` wrote (it has slicegpt.json). The batch is the first 8
+test windows, as in `run_opt.py --compact`; the latency of a model is the median of `--rounds`
+timed passes after one warm-up pass each.
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+
+import run_opt    # noqa: E402
+import slicegpt   # noqa: E402
+
+
+def load(folder):
+    if os.path.exists(os.path.join(folder, slicegpt.SPEC)):         # its config is in SPEC
+        from transformers import AutoTokenizer
+        return slicegpt.load(folder), AutoTokenizer.from_pretrained(folder)
+    return run_opt.load(folder)
+
+
+@torch.no_grad()
+def timed(model, batch):
+    tic = time.perf_counter()
+    model(batch)
+    return 1000 * (time.perf_counter() - tic)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("models", nargs="+", metavar="NAME=FOLDER")
+    p.add_argument("--test-file")
+    p.add_argument("--seqlen", type=run_opt.positive, default=512)
+    p.add_argument("--eval-windows", type=run_opt.positive, default=64)
+    p.add_argument("--rounds", type=run_opt.positive, default=7)
+    p.add_argument("--json")
+    args = p.parse_args(argv)
+    pairs = [m.split("=", 1) for m in args.models]
+    if any(len(pair) != 2 or not os.path.isdir(pair[1]) for pair in pairs):
+        p.error("each model is NAME=FOLDER, an existing folder")
+    record = run_opt.new_record(args, "cpu")
+    models, test = {}, None
+    for name, folder in pairs:
+        model, tokenizer = load(folder)
+        if test is None:                    # the models share a tokenizer: the first one's
+            test = run_opt.eval_windows(run_opt.token_ids(tokenizer, args.test_file, "test"),
+                                        args.seqlen, args.eval_windows, args.test_file)
+        models[name] = model.eval()
+        record[name] = {"folder": folder, "params": sum(p.numel() for p in model.parameters()),
+                        "ppl": run_opt.perplexity(model, test, "cpu", f"eval {name}")}
+    batch = torch.cat(test[:8])
+    for model in models.values():
+        timed(model, batch)                                              # warm-up
+    times = {name: [] for name in models}
+    for _ in range(args.rounds):
+        for name, model in models.items():
+            times[name].append(timed(model, batch))
+    first = next(iter(models))
+    print(f"batch {tuple(batch.shape)}, median of {args.rounds} passes taken in turns")
+    for name in models:
+        record[name].update(latency_ms=statistics.median(times[name]), times_ms=times[name])
+        r = record[name]
+        print(f"{name:>10}: {r['params'] / 1e6:7.2f}M parameters, perplexity {r['ppl']:8.2f}, "
+              f"{r['latency_ms']:7.0f} ms ({record[first]['latency_ms'] / r['latency_ms']:.2f}x "
+              f"{first})")
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(record, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
