@@ -55,6 +55,8 @@ def main(argv=None):
     if any(len(pair) != 2 or not os.path.isdir(pair[1]) for pair in pairs):
         p.error("each model is NAME=FOLDER, an existing folder")
     record = run_opt.new_record(args, "cpu")
+    if any(name in record for name, _ in pairs) or len({n for n, _ in pairs}) < len(pairs):
+        p.error(f"model names must differ from each other and from {', '.join(record)}")
     models, test = {}, None
     for name, folder in pairs:
         model, tokenizer = load(folder)

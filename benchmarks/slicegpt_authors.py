@@ -86,12 +86,12 @@ def main():
     args = p.parse_args()
     torch.manual_seed(0)
     record = run_opt.new_record(args, "cpu")
-    tokenizer, _ = run_opt.load_tokenizer(args.model)
+    model, tokenizer = run_opt.load(args.model)
     calib = run_opt.calibration_windows(run_opt.token_ids(tokenizer, args.train_file, "train"),
                                         args.nsamples, args.seqlen, args.seed, args.train_file)
     test = run_opt.eval_windows(run_opt.token_ids(tokenizer, args.test_file, "test"), args.seqlen,
                                 args.eval_windows, args.test_file)
-    model = run_opt.load(args.model)[0].eval()
+    model.eval()
     width = slicegpt.width_for(model, args.slicing)
     record["ppl_dense"] = nll_perplexity(model, test)
     slicegpt.slice_model(model, calib, width)
