@@ -731,7 +731,7 @@ def perplexity(model, windows, device, desc="eval"):
     """exp of the mean over windows of each window's mean next-token NLL. Several ranks split
     the windows and gather the NLLs (exactly: each is summed with zeros), then sum them in order."""
     from tqdm import tqdm
-    ranks = surgeon.Ranks({})
+    ranks = surgeon.processes({})
     nll = torch.zeros(len(windows), dtype=torch.float64)
     for i in tqdm(range(ranks.rank, len(windows), ranks.size), desc=desc, leave=False,
                   file=sys.stderr, disable=not main_rank()):

@@ -129,12 +129,10 @@ def test_remove_elements_exact_when_all_correlated():
 
 
 @pytest.mark.parametrize("max_correlate", [1, 3, 5])
-@pytest.mark.parametrize("lazy_rows", [1, 2, 128])
-def test_remove_elements_in_row_chunks(max_correlate, lazy_rows, monkeypatch):
+def test_remove_elements_in_row_chunks(max_correlate):
     """Chunks of whole rows with at most max_correlate removed weights, one after another on the
-    updated weights, then everything removed is zeroed: the oracle applied chunk by chunk. The
-    lazy blocks of updates (all rows in one block, or several) do not change the result."""
-    monkeypatch.setattr(surgeon, "LAZY_ROWS", lazy_rows)
+    updated weights, then everything removed is zeroed: the oracle applied chunk by chunk, against
+    the plain version."""
     W, A, G, A_inv, G_inv = tiny_layer(seed=2)
     Q = torch.rand(W.shape, generator=torch.Generator().manual_seed(2)) < 0.4
     expected, chunk, size = W.clone(), [], 0
@@ -148,7 +146,23 @@ def test_remove_elements_in_row_chunks(max_correlate, lazy_rows, monkeypatch):
             chunk.append(r)
             size += int(Q[r].sum())
     expected[Q] = 0
-    assert torch.allclose(remove_elements(W, A_inv, G_inv, Q, max_correlate), expected, atol=1e-10)
+    got = remove_elements(W, A_inv, G_inv, Q, max_correlate, fast=False)
+    assert torch.allclose(got, expected, atol=1e-10)
+
+
+@pytest.mark.parametrize("max_correlate", [1, 3, 5, 100])
+@pytest.mark.parametrize("lazy_rows", [1, 2, 128])
+def test_remove_elements_fast_path_equals_the_plain_version(max_correlate, lazy_rows,
+                                                            monkeypatch):
+    """The lazy blocks of updates (one row a block, several, all rows in one) and the plain loop
+    over chunks give the same weights; dead rows and columns included."""
+    monkeypatch.setattr(surgeon, "LAZY_ROWS", lazy_rows)
+    W, A, G, A_inv, G_inv = tiny_layer(m=9, n=7, seed=6)
+    A_inv[3], A_inv[:, 3], G_inv[2], G_inv[:, 2] = 0, 0, 0, 0          # dead: no solve
+    Q = torch.rand(W.shape, generator=torch.Generator().manual_seed(6)) < 0.35
+    fast = remove_elements(W, A_inv, G_inv, Q, max_correlate)
+    plain = remove_elements(W, A_inv, G_inv, Q, max_correlate, fast=False)
+    assert torch.allclose(fast, plain, atol=1e-12, rtol=0) and (fast[Q] == 0).all()
 
 
 def test_row_chunks_with_identity_G_are_exact_per_row_obs():
@@ -171,9 +185,10 @@ def test_n_m_choice_and_update(n, m):
     the chosen weights against the dense OBS solution."""
     W, A, G, A_inv, G_inv = tiny_layer(m=3, n=8, seed=5)
     structure = surgeon.structure_of(f"{n}:{m}")
-    q = surgeon.quadratic(linear_of(W, 8), A, G, Settings(structure=f"{n}:{m}", damp_a=0, damp_g=0))
+    s = Settings(structure=f"{n}:{m}", damp_a=0, damp_g=0)
+    q = surgeon.quadratic(linear_of(W, 8), A, G, s)
     costs = element_costs(W, precision(A_inv), precision(G_inv))
-    cands = structure.candidates(q, "surgeon")
+    cands = structure.candidates(q, s)
     choice = cands.choice.reshape(3, 8)
     for i in range(3):
         for g in range(8 // m):
@@ -202,17 +217,17 @@ def test_obd_costs_are_the_quadratic_form_of_the_undamped_F(method):
 
     s = Settings(method=method, damp_a=5.0, damp_g=5.0)        # damping must not enter
     q = surgeon.quadratic(linear_of(W, 8), A.float(), G.float(), s)
-    rowcol = surgeon.RowCol().candidates(q, method).cost
+    rowcol = surgeon.RowCol().candidates(q, s).cost
     expect = [form(mask_of(W.shape, rows=[r])) for r in range(3)] + \
              [form(mask_of(W.shape, cols=[c])) for c in range(8)]        # the bias: no candidate
     assert torch.allclose(rowcol.double(), torch.stack(expect), rtol=1e-5)
-    elements = surgeon.Unstructured().candidates(q, method).cost.reshape(3, 8)
+    elements = surgeon.Unstructured().candidates(q, s).cost.reshape(3, 8)
     for i in range(3):
         for j in range(8):
             expected = form(mask_of(W.shape, cells=[(i, j)]))
             assert torch.isclose(elements[i, j].double(), expected, rtol=1e-5)
     for n, m in ((2, 4), (1, 4), (4, 8)):
-        cands = surgeon.NM(n, m).candidates(q, method)
+        cands = surgeon.NM(n, m).candidates(q, s)
         groups, choice = cands.cost.reshape(3, 8 // m), cands.choice.reshape(3, 8)
         for i in range(3):
             for g in range(8 // m):
@@ -273,11 +288,11 @@ def test_dead_rows_and_columns_cost_nothing_and_stay_out_of_updates():
     q = surgeon.quadratic(linear_of(W, 4), A, G, s)
     assert (q.A_inv[2] == 0).all() and (q.G_inv[1] == 0).all()
     live_r, live_c = [0, 2, 3], [0, 1, 3, 4]
-    for X, X_hat, live, damp in ((A, q.A, live_c, 0.1), (G, q.G, live_r, 0.2)):
+    for X, X_hat, live, damp in ((A, q.A_hat, live_c, 0.1), (G, q.G_hat, live_r, 0.2)):
         X_live = X[live][:, live]                              # damped over the live diagonal
         expected = X_live + damp * X_live.diagonal().mean() * torch.eye(len(live), dtype=X.dtype)
         assert torch.allclose(X_hat[live][:, live], expected)
-    cand = surgeon.RowCol().candidates(q, "surgeon")
+    cand = surgeon.RowCol().candidates(q, s)
     assert cand.cost[4 + 2] == surgeon.REMOVED                 # all zero: always taken
     assert cand.cost[1] == 0                                   # dead, not zero: free, not forced
     untaken = surgeon.RowCol().update(q, torch.zeros(8, dtype=torch.bool), cand, s)
@@ -287,7 +302,7 @@ def test_dead_rows_and_columns_cost_nothing_and_stay_out_of_updates():
     new = surgeon.RowCol().update(q, taken, cand, s)
     assert (new[[1, 3]] == 0).all() and (new[:, 2] == 0).all()
     # the same removal by the oracle on the live coordinates only
-    sub = obs(W[live_r][:, live_c], q.A[live_c][:, live_c], q.G[live_r][:, live_r],
+    sub = obs(W[live_r][:, live_c], q.A_hat[live_c][:, live_c], q.G_hat[live_r][:, live_r],
               mask_of((3, 4), rows=[2]))[0]
     assert torch.allclose(new[live_r][:, live_c], sub, atol=1e-10)
 
@@ -299,7 +314,7 @@ def test_rowcol_costs_with_damped_or_undamped_forms(damp_costs):
     but the undamped A (rows) and G (columns) in the quadratic forms."""
     W, A, G, _, _ = tiny_layer(m=4, n=5, seed=9)
     s = Settings(structure="rowcol", damp_a=0.3, damp_g=0.2, damp_costs=damp_costs)
-    cost = surgeon.RowCol().candidates(surgeon.quadratic(linear_of(W, 5), A, G, s), "surgeon").cost
+    cost = surgeon.RowCol().candidates(surgeon.quadratic(linear_of(W, 5), A, G, s), s).cost
     A_hat = A + 0.3 * A.diagonal().mean() * torch.eye(5, dtype=A.dtype)
     G_hat = G + 0.2 * G.diagonal().mean() * torch.eye(4, dtype=G.dtype)
     A_inv, G_inv = torch.linalg.inv(A_hat), torch.linalg.inv(G_hat)
@@ -340,9 +355,10 @@ def greedy(costs, nonzero, structure, target):
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_radix_select_equals_a_sort(seed):
-    """The radix threshold against the plain version: a stable sort of all candidates (forced
-    first), the shortest prefix whose gains reach the target; costs of every magnitude, ties."""
+def test_radix_select_equals_the_plain_sort(seed):
+    """The radix threshold (fast path) and the plain version against a stable sort of all
+    candidates (forced first), the shortest prefix whose gains reach the target; costs of every
+    magnitude, ties."""
     gen = torch.Generator().manual_seed(seed)
     costs = [torch.exp(torch.randn(n, generator=gen) * 8) for n in (50, 300, 7)]
     costs[0][:20] = costs[0][20:40]                                   # exact ties across a layer
@@ -358,13 +374,15 @@ def test_radix_select_equals_a_sort(seed):
         k = max(k, int((flat == surgeon.REMOVED).sum()))
         want = torch.zeros(len(flat), dtype=torch.bool)
         want[order[:k]] = True
-        got = surgeon.threshold_select(costs, gains, target, zeros, ranks_of([(1, 1)]))
-        assert torch.equal(torch.cat(got), want), target
+        one = ranks_of([(1, 1)])
+        plain = surgeon.threshold_select(costs, gains, target, zeros, one, fast=False)
+        fast = surgeon.threshold_select(costs, gains, target, zeros, one)
+        assert torch.equal(torch.cat(plain), want) and torch.equal(torch.cat(fast), want), target
 
 
 def ranks_of(shapes):
-    """One process's Ranks over layers of these (m, n) shapes (no weights)."""
-    return surgeon.Ranks({str(i): nn.Linear(n, m, bias=False, device="meta")
+    """OneProcess over layers of these (m, n) shapes (no weights)."""
+    return surgeon.OneProcess({str(i): nn.Linear(n, m, bias=False, device="meta")
                           for i, (m, n) in enumerate(shapes)})
 
 
@@ -383,7 +401,7 @@ def test_select_rowcol_counts_overlap_and_existing_zeros_exactly(target, fractio
     costs = [torch.rand(m + n, generator=gen) for m, n in shapes]
     costs[1][2] = surgeon.REMOVED                              # an already removed row
     zeros = sum(int((~nz).sum()) for nz in nonzero)
-    cands = [surgeon.Candidates(c, nonzero=nz) for c, nz in zip(costs, nonzero)]
+    cands = [surgeon.LineCandidates(c, nz) for c, nz in zip(costs, nonzero)]
     got = surgeon.RowCol().select(cands, target, zeros, ranks_of(shapes))
     for a, b in zip(got, greedy(costs, nonzero, "rowcol", target)):
         assert torch.equal(a, b)
@@ -471,10 +489,17 @@ def explicit_factors(model, batches):
 @pytest.mark.parametrize("d", [1, 5, 8, 13])
 def test_blocked_gram_equals_the_plain_product(d):
     x = torch.randn(30, d, generator=torch.Generator().manual_seed(d))
-    S = torch.zeros(d, d)
-    surgeon.add_gram(S, x)
-    surgeon.add_gram(S, 2 * x)
-    assert torch.allclose(surgeon.mirror(S), 5 * x.T @ x, rtol=1e-5, atol=1e-5)
+    S, plain = torch.zeros(d, d), torch.zeros(d, d)
+    for X in (x, 2 * x):
+        surgeon.add_gram(S, X)
+        surgeon.add_gram(plain, X, fast=False)
+    assert torch.allclose(surgeon.mirror(S), plain, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(plain, 5 * x.T @ x, rtol=1e-5, atol=1e-5)
+
+
+def test_flat_gather_is_the_submatrix():
+    X, idx = torch.randn(7, 7, dtype=torch.float64), torch.tensor([5, 0, 3, 3])
+    assert torch.equal(surgeon._submatrix(X, idx), X[idx][:, idx])
 
 
 def test_next_token_loss_is_each_sequences_mean_over_its_labelled_tokens():
@@ -892,8 +917,8 @@ def test_update_of_a_bf16_layer_is_the_float32_update_rounded(structure):
         layer = linear_of(W.to(torch.bfloat16).double(), 8).to(dtype)
         q = surgeon.quadratic(layer, A.float(), G.float(), s)
         structure_ = surgeon.structure_of(structure)
-        cand = structure_.candidates(q, "surgeon")
-        taken = structure_.select([cand], 12, 0, surgeon.Ranks({"layer": layer}))[0]
+        cand = structure_.candidates(q, s)
+        taken = structure_.select([cand], 12, 0, surgeon.OneProcess({"layer": layer}))[0]
         new = structure_.update(q, taken, cand, s)
         surgeon.set_matrix(layer, new)
         out[dtype] = (new, layer.weight.detach().clone())

@@ -1,0 +1,135 @@
+"""The same results bit for bit: run_opt.py of an earlier commit and of this checkout, on the
+same tiny random OPT and Llama models and text, compared by what they save.
+
+    python benchmarks/bitwise.py ae743e5            # exit 0 when every case is identical
+
+Cases: both models; unstructured, 2:4, 4:8 and rows and columns (with their low-rank steps);
+each of the four methods; bfloat16 weights; 2 processes (torchrun, gloo). Each case saves its
+model; the saved tensors must be equal bit for bit, and the record's perplexities and sparsities
+equal to every digit. The earlier commit is taken from git (`git archive`) into a temporary
+folder; nothing is downloaded.
+"""
+import argparse
+import itertools
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+STRUCTURES = [("unstructured", "0.5"), ("2:4", "0.5"), ("4:8", "0.4"), ("rowcol", "0.3")]
+METHODS = ("surgeon", "kobd", "lobd", "magnitude")
+CASES = {f"{model}-{structure}-{method}": (model, ["--structure", structure, "--sparsity", sparsity,
+                                                   "--method", method])
+         for model, (structure, sparsity), method in itertools.product(
+             ("opt", "llama"), STRUCTURES, METHODS)}
+CASES.update({f"{model}-{structure}-bfloat16": (model, ["--structure", structure, "--sparsity",
+                                                        sparsity, "--dtype", "bfloat16"])
+              for model, (structure, sparsity) in (("llama", STRUCTURES[3]),
+                                                   ("opt", STRUCTURES[1]))})
+RANKS = {f"{model}-{structure}-2-ranks": (model, ["--structure", structure, "--sparsity", sparsity])
+         for model, (structure, sparsity) in (("llama", STRUCTURES[3]), ("opt", STRUCTURES[0]))}
+
+# one process runs every single-process case of a tree (transformers is imported once)
+DRIVER = """
+import json, sys, torch
+sys.path.insert(0, sys.argv[1])
+torch.set_num_threads(1)
+import run_opt
+for argv in json.loads(sys.argv[2]):
+    run_opt.main(argv)
+"""
+
+
+def command(files, model, extra, out):
+    return ["--model", os.path.join(files, model), "--train-file", os.path.join(files, "train.txt"),
+            "--test-file", os.path.join(files, "test.txt"), "--nsamples", "4", "--seqlen", "32",
+            "--eval-windows", "4", "--shots", "2", "--device", "cpu", "--eval-every", "1",
+            "--save", os.path.join(out, "model"), "--json", os.path.join(out, "record.json"),
+            *extra]
+
+
+def run_tree(tree, files, out):
+    """Every case with the run_opt.py in `tree`; their outputs under out/NAME, what they print
+    in out/log.txt."""
+    for name in (*CASES, *RANKS):
+        os.makedirs(os.path.join(out, name), exist_ok=True)
+    argvs = [command(files, model, extra, os.path.join(out, name))
+             for name, (model, extra) in CASES.items()]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with open(os.path.join(out, "log.txt"), "w") as log:
+        subprocess.run([sys.executable, "-c", DRIVER, tree, json.dumps(argvs)], check=True,
+                       env=env, stdout=log, stderr=log)
+        for name, (model, extra) in RANKS.items():
+            subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                            "run_opt.py", *command(files, model, extra, os.path.join(out, name))],
+                           cwd=tree, check=True, env=env, stdout=log, stderr=log)
+
+
+def results(folder):
+    from safetensors.torch import load_file
+    with open(os.path.join(folder, "record.json")) as f:
+        record = json.load(f)
+    numbers = {k: record[k] for k in ("ppl_dense", "ppl_pruned", "sparsity")}
+    numbers["shots"] = [(s["sparsity"], s.get("ppl")) for s in record["shots"]]
+    return load_file(os.path.join(folder, "model", "model.safetensors")), numbers
+
+
+def compare(a, b):
+    """'' where the two case folders hold the same results bit for bit, else what differs."""
+    (wa, na), (wb, nb) = results(a), results(b)
+    if wa.keys() != wb.keys():
+        return "other tensors saved"
+    differ = [k for k in wa if not (wa[k].dtype == wb[k].dtype and wa[k].shape == wb[k].shape
+                                    and (wa[k].view(-1).view(dtype_bits(wa[k]))
+                                         == wb[k].view(-1).view(dtype_bits(wb[k]))).all())]
+    if differ:
+        return f"{len(differ)} tensors differ, e.g. {differ[0]}"
+    return "" if na == nb else f"numbers differ: {na} vs {nb}"
+
+
+def dtype_bits(t):
+    import torch
+    return {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("ref", help="the earlier commit (default: ae743e5)", nargs="?", default="ae743e5")
+    p.add_argument("--keep", help="keep the outputs in this folder")
+    args = p.parse_args(argv)
+    sys.path.insert(0, ROOT)
+    from test_run_opt import make_files
+    from pathlib import Path
+    work = args.keep or tempfile.mkdtemp(prefix="bitwise-")
+    files, before = os.path.join(work, "files"), os.path.join(work, "before")
+    make_files(Path(files))
+    os.makedirs(before, exist_ok=True)
+    archive = subprocess.run(["git", "archive", args.ref], cwd=ROOT, check=True,
+                             capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", before], input=archive, check=True)
+    after = os.path.join(work, "after")          # a copy: edits while it runs do not count
+    shutil.copytree(ROOT, after, ignore=shutil.ignore_patterns(".git", "assets", "__pycache__"),
+                    dirs_exist_ok=True)
+    print(f"{len(CASES) + len(RANKS)} cases, {args.ref} in {before} against a copy of {ROOT}")
+    for tree, out in ((before, "out-before"), (after, "out-after")):
+        try:
+            run_tree(tree, files, os.path.join(work, out))
+        except subprocess.CalledProcessError as err:
+            sys.exit(f"the runs of {tree} failed (exit {err.returncode}); see "
+                     f"{os.path.join(work, out, 'log.txt')}")
+    failed = 0
+    for name in (*CASES, *RANKS):
+        why = compare(os.path.join(work, "out-before", name), os.path.join(work, "out-after", name))
+        failed += bool(why)
+        print(f"{name:32s} {'same bit for bit' if not why else 'DIFFERENT: ' + why}")
+    print(f"{len(CASES) + len(RANKS) - failed} same, {failed} different")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
