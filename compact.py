@@ -81,6 +81,26 @@ def _compact_attention(attn: nn.Module) -> int:
     return int(dead_groups.sum()) * group
 
 
+def _kind(module: nn.Module) -> str | None:
+    """'ungated' (OPT's MLP), 'gated' (Llama's), 'attention', or None: what compaction can cut."""
+    for kind, names in (("ungated", ("fc1", "fc2", "activation_fn")),
+                        ("gated", ("gate_proj", "up_proj", "down_proj", "act_fn")),
+                        ("attention", ("q_proj", "k_proj", "v_proj", "head_dim"))):
+        if all(hasattr(module, n) for n in names):
+            return kind
+    return None
+
+
+def uncuttable(model: nn.Module) -> list[str]:
+    """What compaction finds nothing to cut in, in a model's blocks: "MLP", "attention" or both
+    (fused projections such as Phi3's qkv_proj and gate_up_proj, GPT-NeoX's query_key_value).
+    The model may be a skeleton on the meta device."""
+    blocks = max((len(m) for m in model.modules() if isinstance(m, nn.ModuleList)), default=0)
+    kinds = [_kind(m) for m in model.modules()]
+    mlps, attentions = sum(k in ("ungated", "gated") for k in kinds), kinds.count("attention")
+    return [what for what, n in (("MLP", mlps), ("attention", attentions)) if n < blocks]
+
+
 def compact(model: nn.Module) -> dict:
     """Cut dead MLP units and attention heads out of the weight matrices; the function computed
     stays the same. Zeros elsewhere stay: in heads and units that still work, and in input
@@ -89,13 +109,14 @@ def compact(model: nn.Module) -> dict:
     report = {"params_before": sum(p.numel() for p in model.parameters()),
               "mlp_units_removed": 0, "heads_removed": 0}
     for module in list(model.modules()):
-        if all(hasattr(module, n) for n in ("fc1", "fc2", "activation_fn")):
+        kind = _kind(module)
+        if kind == "ungated":
             report["mlp_units_removed"] += _compact_mlp([module.fc1], module.fc2,
                                                         module.activation_fn, gated=False)
-        elif all(hasattr(module, n) for n in ("gate_proj", "up_proj", "down_proj", "act_fn")):
+        elif kind == "gated":
             report["mlp_units_removed"] += _compact_mlp([module.gate_proj, module.up_proj],
                                                         module.down_proj, module.act_fn, gated=True)
-        elif all(hasattr(module, n) for n in ("q_proj", "k_proj", "v_proj", "head_dim")):
+        elif kind == "attention":
             report["heads_removed"] += _compact_attention(module)
     layers = prunable_layers(model)
     report["params_after"] = sum(p.numel() for p in model.parameters())

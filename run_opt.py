@@ -23,10 +23,13 @@ import re
 import resource
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.parse
 from contextlib import contextmanager
 from dataclasses import asdict, fields
 
@@ -45,7 +48,15 @@ WIKITEXT = ("Salesforce/wikitext", "wikitext-2-raw-v1")
 DEFAULT = surgeon.Settings()          # the method's defaults are Settings'; the flags read them
 
 
+def cli():
+    """The installed `llm-surgeon` command: main, exit status 0 after a good run (main returns
+    the record, which an entry point's sys.exit would print and take for a failure)."""
+    main()
+    return 0
+
+
 def main(argv=None):
+    """The command line; returns the run's record (under torchrun it exits instead)."""
     if world_size() == 1:
         return command_line(run, argv)
     try:                          # under torchrun: the ranks met at a barrier when done; leave
@@ -115,6 +126,12 @@ class Interrupted(Exception):
 
 def fail(message):
     raise Failure(message)
+
+
+def one_line(err, limit=300) -> str:
+    """An exception's whole message as one line (at most `limit` characters)."""
+    text = " ".join(str(err).split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def run(argv=None):
@@ -326,24 +343,25 @@ def validate(args):
                  "devices, or --curvature-device cpu to keep the factors in host memory")
         if device.type == "cuda":                    # rank r on cuda:LOCAL_RANK
             device = surgeon.check_device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}")
-    if local_path(args.model) and not os.path.isdir(os.path.expanduser(args.model)):
-        fail(f"--model {args.model}: no such folder")
+    if local_path(args.model):
+        model_folder(args.model)
+    elif not hub_reachable():
+        offline()                   # the cache only: a model not there fails at once, no retries
     for path in (args.train_file, args.test_file):
         if path:
             read_text(path)
     if args.device_map:
         args.device_map = device_map(args.device_map)
-    if args.json and main_rank():                    # rank 0 alone writes (and checks) them
-        writable_file(args.json, "--json")
-    if args.save and main_rank():
+    if args.json:                     # rank 0 alone writes them; the others check, writing
+        writable_file(args.json, "--json")      # nothing, so that they leave with rank 0
+    if args.save:
         writable_folder(args.save, "--save", SAVED)
-        if os.path.exists(os.path.join(args.save, SAVED)):
+        if os.path.exists(os.path.join(args.save, SAVED)) and main_rank():
             print(f"--save {args.save}: replacing the model that an earlier run saved there")
     if args.resume and not args.checkpoint:
         fail("--resume needs --checkpoint DIR")
     if args.checkpoint:
-        if main_rank():
-            writable_folder(args.checkpoint, "--checkpoint", CHECKPOINT)
+        writable_folder(args.checkpoint, "--checkpoint", CHECKPOINT)
         there = os.path.exists(os.path.join(args.checkpoint, CHECKPOINT))
         if args.resume and not there:
             fail(f"--resume: no checkpoint in {args.checkpoint}")
@@ -365,9 +383,12 @@ def start_ranks(device):
 
 
 def writable_file(path, what):
-    """Proved by writing: the file is created (and removed again if it was not there)."""
+    """Proved by writing: the file is created (and removed again if it was not there). Under
+    torchrun, ranks other than 0 check its folder instead, writing nothing."""
     if os.path.isdir(path):
         fail(f"{what} {path} is a folder, not a file")
+    if not main_rank():
+        return writable_without_writing(os.path.dirname(os.path.abspath(path)), path, what)
     existed = os.path.exists(path)
     try:
         with open(path, "a"):
@@ -388,6 +409,9 @@ def writable_folder(path, what, mark):
     created = os.path.abspath(path)
     while not os.path.exists(os.path.dirname(created)) and os.path.dirname(created) != created:
         created = os.path.dirname(created)                 # the first folder that is made
+    if not main_rank():
+        return writable_without_writing(path if os.path.isdir(path) else os.path.dirname(created),
+                                        path, what)
     created = None if os.path.exists(path) else created
     try:
         os.makedirs(path, exist_ok=True)
@@ -399,10 +423,65 @@ def writable_folder(path, what, mark):
             shutil.rmtree(created, ignore_errors=True)
 
 
+def writable_without_writing(folder, path, what):
+    """What a rank other than 0 checks of an output path: its folder exists and may be written."""
+    if not os.path.isdir(folder):
+        fail(f"{what} {path} cannot be written (No such file or directory)")
+    if not os.access(folder, os.W_OK):
+        fail(f"{what} {path} cannot be written (Permission denied)")
+
+
 def local_path(name):
     """True where --model names a folder rather than a hub id (org/name or name)."""
     return (os.path.exists(name) or name.startswith(("/", ".", "~")) or name.count("/") > 1
             or os.sep != "/" and os.sep in name)
+
+
+def hub_reachable(timeout=3.0) -> bool:
+    """Whether the model hub answers a connection within `timeout` seconds (through a proxy, or
+    offline mode already set: assumed as set)."""
+    from huggingface_hub import constants
+    if constants.HF_HUB_OFFLINE or any(os.environ.get(v) for v in (
+            "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    url = urllib.parse.urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def offline():
+    """Hugging Face's offline mode for this process: the local cache alone."""
+    from huggingface_hub import constants
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    constants.HF_HUB_OFFLINE = True
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
+                   "vocab.txt", "spiece.model", "sentencepiece.bpe.model")
+
+
+def model_folder(path):
+    """A folder with what save_pretrained writes: config.json, weights and a tokenizer."""
+    if not os.path.exists(os.path.expanduser(path)):
+        fail(f"--model {path}: no such folder")
+    if not os.path.isdir(os.path.expanduser(path)):
+        fail(f"--model {path} is a file, not a folder; give the folder that holds the model's "
+             "config.json, weights and tokenizer (what save_pretrained writes)")
+    if compaction.is_compacted(path):
+        return
+    files = os.listdir(os.path.expanduser(path))
+    missing = [what for what, there in (
+        ("config.json", "config.json" in files),
+        ("weights (model.safetensors or pytorch_model.bin)",
+         any(f.endswith((".safetensors", ".bin")) for f in files)),
+        ("tokenizer (tokenizer.json, tokenizer_config.json, ...)",
+         any(f in TOKENIZER_FILES for f in files))) if not there]
+    if missing:
+        fail(f"--model {path} has no {' and no '.join(missing)}; a model folder holds what "
+             "save_pretrained writes for the model and for its tokenizer")
 
 
 def device_map(value):
@@ -546,16 +625,39 @@ def token_ids(tokenizer, path, split):
     """One long id tensor: a local text file, or WikiText-2 joined as SparseGPT does."""
     if path:
         text = read_text(path)
-        return tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
+        with working(f"tokenize {os.path.basename(path)}"):
+            return tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
     try:
         from datasets import load_dataset
         data = load_dataset(*WIKITEXT, split=split)
     except Exception as err:
-        first = str(err).strip().split("\n")[0]
-        fail(f"cannot load WikiText-2 ({first}). Without a hub, pass local text with "
+        fail(f"cannot load WikiText-2 ({one_line(err)}). Without a hub, pass local text with "
              "--train-file and --test-file")
     joined = (" " if split == "train" else "\n\n").join(data["text"])
-    return tokenizer(joined, return_tensors="pt").input_ids[0]
+    with working(f"tokenize WikiText-2 {split}"):
+        return tokenizer(joined, return_tensors="pt").input_ids[0]
+
+
+@contextmanager
+def working(desc):
+    """A progress line with the seconds so far, for a step that reports no progress itself
+    (shown once it has taken a second)."""
+    from tqdm import tqdm
+    bar = tqdm(desc=desc, bar_format="{desc}: {elapsed}", leave=False, file=sys.stderr,
+               disable=not main_rank(), delay=1)
+    done = threading.Event()
+
+    def tick():
+        while not done.wait(0.5):
+            bar.refresh()
+    ticker = threading.Thread(target=tick, daemon=True)
+    ticker.start()
+    try:
+        yield
+    finally:
+        done.set()
+        ticker.join()
+        bar.close()
 
 
 def eval_windows(ids, seqlen, limit, source):
@@ -588,7 +690,7 @@ def loading(name):
     except Failure:
         raise
     except Exception as err:
-        first = str(err).strip().split("\n")[0]
+        first = one_line(err)
         if not local_path(name):
             fail(f"cannot load model {name!r} ({first}). Without a hub, pass a local folder with "
                  "--model /path/to/folder")
@@ -609,14 +711,19 @@ def broken_file(folder):
             elif file.endswith(".bin"):
                 torch.load(path, weights_only=True, mmap=True)
         except Exception as err:
-            return f"{path} is broken or truncated ({str(err).strip().splitlines()[0]})"
+            return f"{path} is broken or truncated ({one_line(err)})"
     return None
+
+
+EXPERTS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
 
 
 def check_shapes(args, settings, calib):
     """The model's layers built from its config alone (on the meta device: no weights, no
     memory), checked as `surgeon.check` checks the loaded ones: N:M widths, layers that are not
-    nn.Linear (GPT-2's Conv1D). A 7B model is refused in a second, not after minutes of loading."""
+    nn.Linear (GPT-2's Conv1D), mixtures of experts; and said: weight matrices of the blocks
+    that are not pruned, fused projections that --compact cannot cut. A 7B model is refused in a
+    second, not after minutes of loading."""
     if args.sparsity == 0 or compaction.is_compacted(args.model):
         return
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -624,6 +731,13 @@ def check_shapes(args, settings, calib):
         config = AutoConfig.from_pretrained(args.model)
         with torch.device("meta"):
             skeleton = AutoModelForCausalLM.from_config(config)
+    experts = [getattr(config, k) for k in EXPERTS if (getattr(config, k, None) or 0) > 1]
+    if experts or any(re.search("moe|expert", type(m).__name__, re.I) for m in skeleton.modules()):
+        fail(f"{args.model}: a mixture-of-experts model ({config.model_type}"
+             f"{f', {experts[0]} experts' if experts else ''}) is not supported: its experts see "
+             "only the tokens routed to them, which the curvature of one layer does not model, "
+             "and its routers must not be pruned. Dense decoders are (OPT, Llama, Mistral, "
+             "Qwen2, Phi3, Gemma, GPT-NeoX, ...)")
     layers = surgeon.prunable_layers(skeleton)
     if not layers:
         kinds = sorted({type(m).__name__ for m in skeleton.modules()
@@ -635,6 +749,26 @@ def check_shapes(args, settings, calib):
         surgeon.check(settings, layers, calib)
     except ValueError as err:
         fail(str(err))
+    unpruned(skeleton, layers)
+    fused = compaction.uncuttable(skeleton) if args.compact and args.structure == "rowcol" else []
+    if fused:
+        print(f"--compact: compaction finds no separate {' and no '.join(fused)} projections in "
+              f"{args.model}'s blocks (fused layers such as qkv_proj or gate_up_proj), so it "
+              "cuts nothing there; their zeros stay in place")
+
+
+def unpruned(skeleton, layers):
+    """Say which weight matrices of the blocks are not pruned (not nn.Linear), and how many."""
+    pruned = {id(layer.weight) for layer in layers.values()}
+    owners = {id(p): (type(m).__name__, p.numel())
+              for block in skeleton.modules() if isinstance(block, torch.nn.ModuleList)
+              for m in block.modules() for p in m.parameters(recurse=False) if p.dim() >= 2}
+    left = {i: owner for i, owner in owners.items() if i not in pruned}
+    if left:
+        share = sum(n for _, n in left.values()) / sum(n for _, n in owners.values())
+        kinds = ", ".join(sorted({kind for kind, _ in left.values()}))
+        print(f"note: {share:.1%} of the weights in the blocks' matrices are not pruned (they sit "
+              f"in {kinds}, not nn.Linear); sparsity is counted over the pruned layers alone")
 
 
 def load_stage(args, device, record):
@@ -818,9 +952,16 @@ def write_checkpoint(folder, args, settings, layers, shots):
 
 def open_checkpoint(folder, args, settings):
     """The checkpoint's state (weights mapped from disk, not read), if its settings are these."""
-    state = torch.load(os.path.join(folder, CHECKPOINT), weights_only=True, mmap=True)
-    now, then = result_settings(args, settings), {"dtype": "float32", **state["settings"]}
-    differ = [f"{k} ({then.get(k)!r} there, {now[k]!r} now)"           # float32: before --dtype
+    path = os.path.join(folder, CHECKPOINT)
+    try:
+        state = torch.load(path, weights_only=True, mmap=True)
+        then = {"dtype": "float32", **state["settings"]}            # float32: before --dtype
+        state["next_shot"], state["shots"], state["weights"]
+    except Exception as err:
+        fail(f"--resume: {path} is damaged or partial ({one_line(err)}); the run cannot go on "
+             "from it (it is left as it is)")
+    now = result_settings(args, settings)
+    differ = [f"{k} ({then.get(k)!r} there, {now[k]!r} now)"
               for k in RESULT_SETTINGS if then.get(k) != now[k]]
     if differ:
         fail(f"--resume: the checkpoint in {folder} was made with other settings: "
@@ -843,7 +984,7 @@ def read_checkpoint(folder, args, settings, layers):
 def print_pruned(record, layers):
     total = sum(layer.weight.numel() for layer in layers.values())
     print("sparsity per layer (percent zero):\n" + sparsity_table(record["layers"]))
-    print(f"sparsity: {record['sparsity']:.4f} of {total / 1e6:.1f}M weights")
+    print(f"sparsity: {record['sparsity']:.4f} of the pruned layers' {total / 1e6:.1f}M weights")
     dense = "not evaluated" if record["ppl_dense"] is None else f"{record['ppl_dense']:.2f}"
     print(f"perplexity: dense {dense} -> pruned {record['ppl_pruned']:.2f}")
 

@@ -215,3 +215,19 @@ def test_torchrun_with_a_device_map_is_refused(files, tmp_path):
     out, err = proc.communicate(timeout=120)
     assert proc.returncode != 0
     assert "error: --device-map cannot be used with several processes" in err
+
+
+@pytest.mark.parametrize("extra", [("--json", "{tmp}/missing/record.json"),
+                                   ("--save", "{tmp}/file.txt")])
+def test_torchrun_with_a_bad_output_path_ends_every_rank_within_seconds(files, tmp_path, extra):
+    """Rank 0 alone writes the outputs, but every rank checks them: none is left waiting in
+    init_process_group for a rank 0 that has gone (torchrun then killed it after ~30 s)."""
+    import time
+    (tmp_path / "file.txt").write_text("mine")
+    tic = time.time()
+    proc = torchrun(command(files, *(e.format(tmp=tmp_path) for e in extra)))
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and time.time() - tic < 25, err[-2000:]
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and extra[0] in errors[0], err[-2000:]
+    assert "SIGKILL" not in err and (tmp_path / "file.txt").read_text() == "mine"

@@ -605,6 +605,12 @@ def test_pip_install_gives_the_module_and_the_command(tmp_path):
     help_ = subprocess.run([str(target / "bin" / "llm-surgeon"), "--help"], env=env, cwd=tmp_path,
                            capture_output=True, text=True)
     assert help_.returncode == 0 and "--dtype" in help_.stdout, help_.stderr[-1000:]
+    files = make_files(tmp_path / "files")                      # a good run ends with exit 0
+    run = subprocess.run([str(target / "bin" / "llm-surgeon"),
+                          *args_for(files, "llama", "--sparsity", "0.2", "--shots", "1")],
+                         env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "perplexity: dense" in run.stdout and "'settings'" not in run.stderr
 
 
 def test_rowcol_in_several_shots_lands_on_the_target_in_the_saved_model(files, tmp_path):
@@ -629,3 +635,173 @@ def test_a_compacted_folder_loads_without_a_warning(files, tmp_path):
                           cwd=os.path.dirname(os.path.abspath(__file__)), timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == "LlamaForCausalLM", proc.stderr
     assert "model of type" not in proc.stderr, proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# First contact, round 3
+
+
+def tiny_folder(root, name, model, files):
+    """A model saved with the test tokenizer beside it."""
+    from transformers import AutoTokenizer
+    model.save_pretrained(root / name)
+    AutoTokenizer.from_pretrained(files / "opt").save_pretrained(root / name)
+    return root / name
+
+
+def moe_models():
+    from transformers import MixtralConfig, MixtralForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM
+    small = dict(vocab_size=300, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                 num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+    return {"mixtral": MixtralForCausalLM(MixtralConfig(**small, num_local_experts=4,
+                                                        num_experts_per_tok=2)),
+            "qwen2_moe": Qwen2MoeForCausalLM(Qwen2MoeConfig(
+                **small, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=8,
+                shared_expert_intermediate_size=16))}
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe"])
+def test_a_mixture_of_experts_is_refused_before_loading(files, tmp_path, capsys, monkeypatch,
+                                                        kind):
+    """Its experts are not pruned as they should be (3-D parameters in transformers 5, layers
+    that see a subset of the tokens in 4.x): one line from the config, before loading."""
+    folder = tiny_folder(tmp_path, kind, moe_models()[kind], files)
+    monkeypatch.setattr(run_opt, "load_model", no_loading)
+    with pytest.raises(SystemExit) as exit:
+        run_opt.main(args_for(files, "opt", "--model", str(folder)))
+    line = one_error_line(capsys, exit)
+    assert f"a mixture-of-experts model ({kind}, 4 experts) is not supported" in line, line
+
+
+def test_block_weights_that_are_not_pruned_are_said(capsys):
+    """A block matrix outside nn.Linear (here GPT-2's Conv1D beside a Linear): its share named."""
+    from transformers.pytorch_utils import Conv1D
+    model = torch.nn.Module()
+    model.blocks = torch.nn.ModuleList([torch.nn.Sequential(torch.nn.Linear(8, 8),
+                                                            Conv1D(24, 8))])
+    run_opt.unpruned(model, surgeon.prunable_layers(model))
+    out = capsys.readouterr().out
+    assert "note: 75.0% of the weights in the blocks' matrices are not pruned" in out
+    assert "Conv1D" in out
+    run_opt.unpruned(model.blocks[0][0], {"w": model.blocks[0][0]})     # nothing left: silent
+    assert capsys.readouterr().out == ""
+
+
+def test_a_damaged_checkpoint_is_one_line_and_left_as_it_is(files, tmp_path, capsys):
+    run_with_checkpoint(files, tmp_path / "ckpt", tmp_path / "model")
+    ckpt = tmp_path / "ckpt" / "checkpoint.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[:ckpt.stat().st_size // 2])
+    damaged = ckpt.read_bytes()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit:
+        run_with_checkpoint(files, tmp_path / "ckpt", tmp_path / "model2", "--resume")
+    line = one_error_line(capsys, exit)
+    assert line.startswith(f"error: --resume: {ckpt} is damaged or partial ("), line
+    assert ckpt.read_bytes() == damaged and not (tmp_path / "model2").exists()
+
+
+@pytest.mark.parametrize("keep,missing", [
+    (("config.json",), "weights (model.safetensors or pytorch_model.bin) and no tokenizer "
+                       "(tokenizer.json, tokenizer_config.json, ...)"),
+    (("config.json", "model.safetensors"), "tokenizer (tokenizer.json, tokenizer_config.json, ...)"),
+    (("tokenizer.json", "tokenizer_config.json", "model.safetensors"), "config.json"),
+])
+def test_an_incomplete_model_folder_is_one_whole_sentence(files, tmp_path, capsys, keep, missing):
+    (tmp_path / "part").mkdir()
+    for name in keep:
+        (tmp_path / "part" / name).write_bytes((files / "llama" / name).read_bytes())
+    with pytest.raises(SystemExit) as exit:
+        run_opt.main(args_for(files, "llama", "--model", str(tmp_path / "part")))
+    assert one_error_line(capsys, exit) == (
+        f"error: --model {tmp_path / 'part'} has no {missing}; a model folder holds what "
+        "save_pretrained writes for the model and for its tokenizer")
+
+
+def test_a_model_file_is_not_a_folder(files, capsys):
+    with pytest.raises(SystemExit) as exit:
+        run_opt.main(args_for(files, "llama", "--model", str(files / "llama" / "config.json")))
+    assert "config.json is a file, not a folder; give the folder that holds" in \
+        one_error_line(capsys, exit)
+
+
+def test_compact_on_fused_projections_says_so_before_pruning(files, tmp_path, capsys,
+                                                             monkeypatch):
+    from transformers import Phi3Config, Phi3ForCausalLM
+    phi3 = Phi3ForCausalLM(Phi3Config(vocab_size=300, hidden_size=16, intermediate_size=32,
+                                      num_hidden_layers=1, num_attention_heads=2,
+                                      num_key_value_heads=1, max_position_embeddings=64,
+                                      pad_token_id=0))
+    folder = tiny_folder(tmp_path, "phi3", phi3, files)
+    monkeypatch.setattr(run_opt, "load_model", no_loading)
+    with pytest.raises(AssertionError, match="loaded before"):
+        run_opt.main(args_for(files, "llama", "--model", str(folder), "--compact"))
+    assert ("--compact: compaction finds no separate MLP and no attention projections in "
+            f"{folder}'s blocks") in capsys.readouterr().out
+    with pytest.raises(AssertionError, match="loaded before"):                  # Llama: silent
+        run_opt.main(args_for(files, "llama", "--compact"))
+    assert "--compact: compaction finds" not in capsys.readouterr().out
+
+
+def test_every_long_stage_shows_progress(files, capsys):
+    run_opt.main(args_for(files, "llama", "--structure", "rowcol", "--sparsity", "0.2",
+                          "--shots", "1", "--lora-steps", "2"))
+    err = capsys.readouterr().err
+    for stage in ("eval dense", "shot 1/1 curvature", "shot 1/1 costs", "shot 1/1 updates",
+                  "shot 1/1 low-rank", "eval pruned"):
+        assert stage in err, stage
+    import time
+    with run_opt.working("tokenize train.txt"):           # shown once it takes a second
+        time.sleep(1.6)
+    assert "tokenize train.txt: 00:01" in capsys.readouterr().err
+
+
+def test_a_hub_id_without_a_hub_fails_in_seconds(capsys, monkeypatch):
+    """No retries for a minute: the hub is probed first, and offline mode reads the cache."""
+    import time
+    from huggingface_hub import constants
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(run_opt, "hub_reachable", lambda timeout=3.0: False)     # as here
+    tic = time.time()
+    with pytest.raises(SystemExit) as exit:
+        run_opt.main(["--model", "facebook/opt-nonexistent-125m", "--sparsity", "0"])
+    line = one_error_line(capsys, exit)
+    assert time.time() - tic < 20 and "Without a hub, pass a local folder" in line, line
+
+
+def test_the_hub_probe_answers_fast_without_a_hub(monkeypatch):
+    """An endpoint that does not answer (a closed local port) is found out, not waited for."""
+    import socket
+    import time
+    from huggingface_hub import constants
+    for var in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]                     # bound, not listening: refused
+        monkeypatch.setattr(constants, "ENDPOINT", f"https://127.0.0.1:{port}")
+        tic = time.time()
+        assert not run_opt.hub_reachable()
+    assert time.time() - tic < 5
+
+
+@pytest.mark.parametrize("extra,message", [
+    (("--json", "{tmp}/missing/record.json"), "cannot be written (No such file or directory)"),
+    (("--save", "{tmp}/file.txt"), "is a file, not a folder"),
+    (("--checkpoint", "{tmp}/missing/x/ckpt"), None),                 # made by rank 0: fine
+])
+def test_ranks_other_than_0_check_the_outputs_too_writing_nothing(files, tmp_path, monkeypatch,
+                                                                  extra, message):
+    """Under torchrun (here rank 1 of 2, no process group) a bad output path fails on every
+    rank, so that no rank waits for rank 0 in init_process_group; only rank 0 writes."""
+    (tmp_path / "file.txt").write_text("mine")
+    monkeypatch.setenv("RANK", "1")
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    args = run_opt.parse_args(args_for(files, "llama", *(e.format(tmp=tmp_path) for e in extra)))
+    if message is None:
+        run_opt.validate(args)
+    else:
+        with pytest.raises(run_opt.Failure, match=message.replace("(", r"\(").replace(")", r"\)")):
+            run_opt.validate(args)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before
