@@ -11,7 +11,7 @@ import os
 import torch
 import torch.nn as nn
 
-from surgeon import get_matrix, prunable_layers
+from surgeon import UnitGroup, get_matrix, prunable_layers
 
 
 def _all_zero(x: torch.Tensor) -> torch.Tensor:
@@ -99,6 +99,45 @@ def uncuttable(model: nn.Module) -> list[str]:
     kinds = [_kind(m) for m in model.modules()]
     mlps, attentions = sum(k in ("ungated", "gated") for k in kinds), kinds.count("attention")
     return [what for what, n in (("MLP", mlps), ("attention", attentions)) if n < blocks]
+
+
+def units(model: nn.Module) -> list[UnitGroup]:
+    """The heads and MLP units of every block, as surgeon's structure "units" takes them: an MLP
+    unit is cut by its gate row, its up row or its down column (OPT: its fc1 row with the bias,
+    or its fc2 column), where act(0) = 0 for the rows; a head by its o_proj columns, or by its v
+    rows where it owns them. Grouped-query k and v rows are shared by their query heads."""
+    names = {module: name for name, module in model.named_modules()}
+    groups = []
+    for module in model.modules():
+        kind = _kind(module)
+        if kind == "ungated":
+            fc1, fc2 = names[module.fc1], names[module.fc2]
+            silent = _silent_at_zero(module.activation_fn)
+            groups.append(UnitGroup(module.fc1.out_features, [(fc1, "rows", 1), (fc2, "cols", 1)],
+                                    [0, 1] if silent else [1]))
+        elif kind == "gated":
+            gate, up, down = (names[getattr(module, n)] for n in ("gate_proj", "up_proj",
+                                                                  "down_proj"))
+            silent = _silent_at_zero(module.act_fn)
+            groups.append(UnitGroup(module.gate_proj.out_features,
+                                    [(gate, "rows", 1), (up, "rows", 1), (down, "cols", 1)],
+                                    [0, 1, 2] if silent else [1, 2]))
+        elif kind == "attention":
+            q, k, v = (names[getattr(module, n)] for n in ("q_proj", "k_proj", "v_proj"))
+            o = names[module.o_proj if hasattr(module, "o_proj") else module.out_proj]
+            d = module.head_dim
+            heads, kv = module.q_proj.out_features // d, module.k_proj.out_features // d
+            if kv == heads:
+                groups.append(UnitGroup(heads, [(q, "rows", d), (k, "rows", d), (v, "rows", d),
+                                                (o, "cols", d)], [3, 2]))
+            else:
+                groups.append(UnitGroup(heads, [(q, "rows", d), (o, "cols", d)], [1],
+                                        [(k, "rows", d, heads // kv), (v, "rows", d, heads // kv)]))
+    return groups
+
+
+def _silent_at_zero(act) -> bool:
+    return bool(act(torch.zeros(1)) == 0)
 
 
 def compact(model: nn.Module) -> dict:

@@ -149,11 +149,11 @@ def run(argv=None):
         release_memory()
         if args.sparsity > 0:
             try:
-                surgeon.check(settings, layers, calib)
+                surgeon.check(settings, layers, calib, units_of(args, model))
             except ValueError as err:
                 fail(str(err))
-    compact = args.compact and args.sparsity > 0 and args.structure == "rowcol"
-    if args.compact and args.structure != "rowcol":
+    compact = args.compact and args.sparsity > 0 and args.structure in surgeon.LINES
+    if args.compact and args.structure not in surgeon.LINES:
         print(f"--compact: nothing to compact, {args.structure} pruning leaves no whole rows or "
               "columns; the zeros stay in place")
     record["ppl_dense"] = None
@@ -251,12 +251,12 @@ def parse_args(argv=None):
                         "them zero (weights already zero count); 0 only evaluates")
     p.add_argument("--structure", type=structure, default="rowcol",
                    help="what is removed: unstructured (single weights), N:M (N of every M "
-                        "consecutive inputs of a row: 2:4, 4:8, ...) or rowcol (whole rows and "
-                        "columns)")
+                        "consecutive inputs of a row: 2:4, 4:8, ...), rowcol (whole rows and "
+                        "columns) or units (attention heads and MLP units)")
     p.add_argument("--method", choices=surgeon.METHODS, default="surgeon",
                    help="LLM Surgeon, or a baseline (K-OBD, L-OBD, magnitude) from the same loop")
     p.add_argument("--shots", type=positive,
-                   help="pruning shots (default: rowcol the paper's 1.25%% a shot, "
+                   help="pruning shots (default: rowcol and units the paper's 1.25%% a shot, "
                         "ceil(sparsity / 0.0125): 24 at 0.3, 40 at 0.5; 5 otherwise)")
     p.add_argument("--nsamples", type=positive, default=128, help="calibration windows")
     p.add_argument("--seqlen", type=positive,
@@ -296,10 +296,11 @@ def parse_args(argv=None):
     p.add_argument("--skip-dense-eval", action="store_true",
                    help="do not evaluate the dense model (a grid that measured it once)")
     p.add_argument("--compact", action="store_true",
-                   help="after rowcol pruning, cut dead units and heads out; measure the speed-up")
+                   help="after rowcol or units pruning, cut dead units and heads out; measure "
+                        "the speed-up")
     p.add_argument("--lora-steps", type=count,
                    help="interleaved low-rank update steps after each shot (0: off; default 3 "
-                   "for surgeon on rowcol, 0 otherwise)")
+                   "for surgeon on rowcol and units, 0 otherwise)")
     p.add_argument("--lora-rank", type=positive, default=DEFAULT.lora_rank,
                    help="rank of the low-rank update")
     p.add_argument("--lora-lr", type=positive_float, default=DEFAULT.lora_lr,
@@ -746,11 +747,12 @@ def check_shapes(args, settings, calib):
         fail(f"{args.model}: no prunable nn.Linear layers (its weight matrices sit in "
              f"{', '.join(kinds) or 'no layer'} modules; only nn.Linear is pruned)")
     try:
-        surgeon.check(settings, layers, calib)
+        surgeon.check(settings, layers, calib, units_of(args, skeleton))
     except ValueError as err:
         fail(str(err))
     unpruned(skeleton, layers)
-    fused = compaction.uncuttable(skeleton) if args.compact and args.structure == "rowcol" else []
+    fused = compaction.uncuttable(skeleton) \
+        if args.compact and args.structure in surgeon.LINES else []
     if fused:
         print(f"--compact: compaction finds no separate {' and no '.join(fused)} projections in "
               f"{args.model}'s blocks (fused layers such as qkv_proj or gate_up_proj), so it "
@@ -769,6 +771,11 @@ def unpruned(skeleton, layers):
         kinds = ", ".join(sorted({kind for kind, _ in left.values()}))
         print(f"note: {share:.1%} of the weights in the blocks' matrices are not pruned (they sit "
               f"in {kinds}, not nn.Linear); sparsity is counted over the pruned layers alone")
+
+
+def units_of(args, model):
+    """The model's heads and MLP units, for --structure units (compact.py finds them)."""
+    return compaction.units(model) if args.structure == "units" else None
 
 
 def load_stage(args, device, record):
@@ -922,6 +929,7 @@ def prune_stage(args, settings, model, layers, calib, test, device):
                                      disable=not main_rank())
     try:
         report = surgeon.prune(model, calib, settings, on_shot=on_shot, progress=progress,
+                               units=units_of(args, model),
                                first_shot=first)
     except ValueError as err:
         fail(f"{err} {' '.join(getattr(err, '__notes__', []))}".strip())

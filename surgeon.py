@@ -45,7 +45,7 @@ import itertools
 import math
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -54,6 +54,7 @@ from torch.utils.checkpoint import checkpoint
 
 METHODS = ("surgeon", "kobd", "lobd", "magnitude")
 REMOVED = -1.0              # cost of a candidate that is already removed: always taken, gains 0
+LINES = ("rowcol", "units")  # the structures that remove whole rows and columns
 
 
 # ----------------------------------------------------------------------------------------------
@@ -63,9 +64,9 @@ REMOVED = -1.0              # cost of a candidate that is already removed: alway
 @dataclass
 class Settings:
     sparsity: float = 0.5             # fraction of the pruned layers' weights that end at zero
-    structure: str = "rowcol"         # "unstructured" | "N:M" (2:4, 4:8, ...) | "rowcol"
+    structure: str = "rowcol"         # "unstructured" | "N:M" (2:4, 4:8, ...) | "rowcol" | "units"
     method: str = "surgeon"           # "surgeon" | "kobd" | "lobd" | "magnitude" (Sec. 4 baselines)
-    shots: int | None = None          # None: rowcol 1.25% a shot (paper: 24 to 30%, 40 to 50%);
+    shots: int | None = None          # None: rowcol, units 1.25% a shot (paper: 24 to 30%);
                                       # 5 for unstructured and N:M (paper)
     damp_a: float = 0.01              # lambda_A, relative to the mean live diagonal of A
     damp_g: float = 0.1               # lambda_G, likewise (the paper: 0.01 for rowcol)
@@ -75,16 +76,16 @@ class Settings:
                                       # 1 is a row at a time (the authors' code: 2000)
     curvature_device: str | None = None   # where A and G live; None: the model's device
     lora_steps: int | None = None     # interleaved low-rank steps after each shot (0: off);
-                                      # None: 3 for LLM Surgeon on rowcol, else 0
+                                      # None: 3 for LLM Surgeon on rowcol, units, else 0
     lora_rank: int = 8
     lora_lr: float = 1e-4
 
     def __post_init__(self):
         if self.shots is None:                              # 1e-9: 0.1 / 0.0125 is 8.000...02
             self.shots = max(1, math.ceil(self.sparsity / 0.0125 - 1e-9)) \
-                if self.structure == "rowcol" else 5
+                if self.structure in LINES else 5
         if self.lora_steps is None:
-            self.lora_steps = 3 if (self.structure, self.method) == ("rowcol", "surgeon") else 0
+            self.lora_steps = 3 if self.structure in LINES and self.method == "surgeon" else 0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -315,6 +316,7 @@ class Quadratic:
     G_hat: torch.Tensor | None = None
     A_inv: torch.Tensor | None = None
     G_inv: torch.Tensor | None = None
+    name: str = "layer"
 
 
 def quadratic(layer: nn.Linear, A, G, cfg: Settings, name="layer") -> Quadratic:
@@ -333,17 +335,17 @@ def quadratic(layer: nn.Linear, A, G, cfg: Settings, name="layer") -> Quadratic:
         G_hat, G_inv = damped_inverse(G, cfg.damp_g, dead_rows, name)
         alpha, gamma = 1 / A_inv.diagonal(), 1 / G_inv.diagonal()  # 1 / (F^-1)_qq per factor
         alpha[dead_cols], gamma[dead_rows] = 0, 0
-        quad = Quadratic(W, n_in, alpha, gamma, removed, A_inv=A_inv, G_inv=G_inv)
-        if cfg.structure == "rowcol" and cfg.damp_costs:    # only rows and columns have forms
+        quad = Quadratic(W, n_in, alpha, gamma, removed, A_inv=A_inv, G_inv=G_inv, name=name)
+        if cfg.structure in LINES and cfg.damp_costs:       # only rows and columns have forms
             quad.A_hat, quad.G_hat = A_hat, G_hat
-        elif cfg.structure == "rowcol":
+        elif cfg.structure in LINES:
             quad.A, quad.G = A.double(), G.double()
         return quad
     A, G = (X.double() if X is not None else None for X in (A, G))      # OBD: undamped
     alpha = A.diagonal().clone() if A is not None else W.new_ones(k)
     gamma = G.diagonal().clone() if G is not None else W.new_ones(m)
     alpha[dead_cols], gamma[dead_rows] = 0, 0
-    return Quadratic(W, n_in, alpha, gamma, removed, A=A, G=G)
+    return Quadratic(W, n_in, alpha, gamma, removed, A=A, G=G, name=name)
 
 
 def element_costs(W, alpha, gamma):
@@ -568,7 +570,8 @@ class RowCol:
         follows from the global order: a row r adds the nonzeros of its columns taken after it,
         sum_c nz[r, c] [position c > position r]."""
         lines = lambda layer: layer.out_features + layer.in_features            # noqa: E731
-        flat = ranks.concat([c.cost.cpu() for c in cands], lines)
+        lengths = [lines(layer) for layer in ranks.layers.values()]
+        flat = ranks.concat([c.cost.cpu() for c in cands], lengths)
         order = flat.argsort(stable=True)
         position = torch.empty_like(order)
         position[order] = torch.arange(len(order))
@@ -582,7 +585,7 @@ class RowCol:
                           position[start + m:start + m + n].to(c.nonzero.device))
             later = at_c[None, :] > at_r[:, None]                                   # (m, n)
             gains.append(torch.cat([(c.nonzero & later).sum(1), (c.nonzero & ~later).sum(0)]).cpu())
-        added = ranks.concat(gains, lines)[order].cumsum(0)      # zeros added by each prefix
+        added = ranks.concat(gains, lengths)[order].cumsum(0)    # zeros added by each prefix
         forced = int((flat == REMOVED).sum())
         take = max(forced, min(len(flat), int((zeros + added < target).sum()) + (target > zeros)))
         taken = torch.zeros(len(flat), dtype=torch.bool)
@@ -601,14 +604,201 @@ class RowCol:
         return W
 
 
-def structure_of(name: str):
-    """'unstructured', 'rowcol' or 'N:M' (0 < N < M) -> its structure, or ValueError."""
-    if name in ("unstructured", "rowcol"):
-        return Unstructured() if name == "unstructured" else RowCol()
+@dataclass
+class UnitGroup:
+    """Units of one kind in one block, e.g. its MLP units or its attention heads; built by the
+    caller, who knows the architecture. Unit u owns, in each of `lines` (layer name, "rows" or
+    "cols", width w), the indices u*w .. u*w + w - 1; zeroing one of its `cuts` (indices into
+    `lines`) silences it alone. A `shared` line (layer name, axis, width, k) belongs to k
+    consecutive units together and is dead once all of them are gone (grouped-query k, v)."""
+    count: int
+    lines: list[tuple[str, str, int]]
+    cuts: list[int]
+    shared: list[tuple[str, str, int, int]] = field(default_factory=list)
+
+
+def block_costs(W, X, P, width):
+    """(m / width,) costs 1/2 tr(P_b W_b X W_b^T) of removing the row blocks W_b (width rows
+    each) of W: OBS for rows R with P_b = (G_inv_RR)^-1, X = A (Sec. 3.3, Eq. 5), or the OBD
+    form with P_b = G_RR. Columns: the same on W^T with the A side's P_b and X = G."""
+    M = W @ X if X is not None else W
+    S = M.reshape(-1, width, W.shape[1]) @ W.reshape(-1, width, W.shape[1]).mT      # (b, w, w)
+    return 0.5 * (P * S).sum((1, 2))
+
+
+def block_precisions(F_inv, F, precision, width, method):
+    """(b, w, w) precisions of consecutive blocks of one side's coordinates: surgeon
+    (F_inv_bb)^-1, K-OBD and L-OBD the undamped F_bb, else I; zero on dead coordinates (where
+    precision, the single coordinates' alpha or gamma, is 0)."""
+    live = (precision != 0).reshape(-1, width).to(precision.dtype)               # (b, w)
+    idx = torch.arange(len(precision), device=precision.device).reshape(-1, width)
+    if method == "surgeon":
+        X = F_inv[idx[:, :, None], idx[:, None, :]] + torch.diag_embed(1 - live)
+        P = torch.linalg.inv(X)
+    elif F is not None:
+        P = F[idx[:, :, None], idx[:, None, :]]
+    else:
+        P = torch.diag_embed(torch.ones_like(live))
+    return P * live[:, :, None] * live[:, None, :]
+
+
+@dataclass
+class UnitCandidates:
+    """One layer's share of the units: cost (c,) of each cut line in this layer, one after the
+    other, then nonzero (l,) counts of each unit line and shared line block in it."""
+    cost: torch.Tensor
+    nonzero: torch.Tensor
+
+
+class Units:
+    """A candidate is a unit a model can lose whole: an attention head or an MLP unit (beyond
+    the paper, from its framework: under KFAC the layers are independent). Its cost is the
+    cheapest of its cuts, each the exact joint OBS cost of the cut's lines in its one layer;
+    its gain every nonzero weight of all its lines; the update is the cut layer's exact
+    rows-or-columns update (Eq. 6), then the unit's other lines, which do nothing now, zeroed."""
+    name = "units"
+
+    def __init__(self, groups: list[UnitGroup]):
+        self.groups = groups
+        self.slots = {}          # layer -> [(group, line index or None, shared index, is cut)]
+        for g, group in enumerate(groups):
+            for i, (layer, _, _) in enumerate(group.lines):
+                self.slots.setdefault(layer, []).append((g, i, None, i in group.cuts))
+            for j, (layer, *_) in enumerate(group.shared):
+                self.slots.setdefault(layer, []).append((g, None, j, False))
+
+    def sizes(self, name):
+        """(cut costs, nonzero counts) in this layer's UnitCandidates."""
+        cuts = sum(self.groups[g].count for g, _, _, cut in self.slots.get(name, ()) if cut)
+        counts = sum(self.groups[g].count // (1 if i is not None else self.groups[g].shared[j][3])
+                     for g, i, j, _ in self.slots.get(name, ()))
+        return cuts, counts
+
+    def line(self, g, i, j):
+        """(layer, axis, width) of a unit line i or a shared line j of group g."""
+        return self.groups[g].lines[i] if i is not None else self.groups[g].shared[j][:3]
+
+    def candidates(self, quad: Quadratic, cfg: Settings) -> UnitCandidates:
+        A, G = (quad.A_hat, quad.G_hat) if quad.A_hat is not None else (quad.A, quad.G)
+        W = quad.W.masked_fill(F.pad(quad.removed, (0, quad.W.shape[1] - quad.n_in)), 0)
+        costs, counts = [], []
+        for g, i, j, cut in self.slots.get(quad.name, ()):
+            _, axis, width = self.line(g, i, j)
+            lines = W if axis == "rows" else W[:, :quad.n_in].T                # (lines, ...)
+            counts.append((lines != 0).reshape(-1, width * lines.shape[1]).sum(1))
+            if cut and axis == "rows":
+                P = block_precisions(quad.G_inv, quad.G, quad.gamma, width, cfg.method)
+                costs.append(block_costs(W, A, P, width))
+            elif cut:
+                P = block_precisions(quad.A_inv, quad.A, quad.alpha[:quad.n_in], width,
+                                     cfg.method)                                  # no bias
+                costs.append(block_costs(W[:, :quad.n_in].T, G, P, width))
+        return UnitCandidates(torch.cat(costs).float() if costs else W.new_zeros(0).float(),
+                              torch.cat(counts) if counts else W.new_zeros(0, dtype=torch.long))
+
+    def select(self, cands: list[UnitCandidates], target: int, zeros: int, ranks):
+        """Every unit's cost, cut and gain from all layers' shares (several processes gather
+        them); then, as for rows and columns, the shortest prefix in cost order whose zeros reach
+        the target, a shared line's zeros counted with the last of its units."""
+        layers = list(ranks.layers)
+        sizes = [self.sizes(name) for name in layers]
+        cost = ranks.concat([c.cost.cpu() for c in cands], [s[0] for s in sizes])
+        count = ranks.concat([c.nonzero.cpu() for c in cands], [s[1] for s in sizes])
+        cut_cost, own, shared = self._per_group(layers, sizes, cost, count)
+        unit_cost = torch.cat([c.min(1).values for c in cut_cost])
+        gain = torch.cat(own)
+        unit_cost[gain == 0] = REMOVED                       # nothing left: always taken
+        order = unit_cost.argsort(stable=True)
+        position = torch.empty_like(order)
+        position[order] = torch.arange(len(order))
+        bonus, start = torch.zeros_like(gain), 0
+        for group, nz in zip(self.groups, shared):           # zeros of a shared block: with
+            for (*_, k), blocks in zip(group.shared, nz):    # the last of its units
+                last = position[start:start + group.count].reshape(-1, k).argmax(1)
+                bonus[start + torch.arange(len(blocks)) * k + last] += blocks
+            start += group.count
+        added = (gain + bonus)[order].cumsum(0)
+        forced = int((unit_cost == REMOVED).sum())
+        take = max(forced, min(len(order), int((zeros + added < target).sum()) + (target > zeros)))
+        taken = torch.zeros(len(order), dtype=torch.bool)
+        taken[order[:take]] = True
+        choice = torch.cat([c.argmin(1) for c in cut_cost])
+        return [self._layer_lines(name, taken, choice) for name in ranks.own(ranks.layers)]
+
+    def _per_group(self, layers, sizes, cost, count):
+        """Split the gathered vectors: per group, (units, cuts) costs, own nonzeros (units,) and
+        the nonzeros of each shared line's blocks."""
+        cut_cost = [torch.empty(gr.count, len(gr.cuts)) for gr in self.groups]
+        own = [torch.zeros(gr.count, dtype=torch.long) for gr in self.groups]
+        shared = [[None] * len(gr.shared) for gr in self.groups]
+        at_cost, at_count = 0, 0
+        for name, (n_cost, n_count) in zip(layers, sizes):
+            for g, i, j, cut in self.slots.get(name, ()):
+                group = self.groups[g]
+                if cut:
+                    cut_cost[g][:, group.cuts.index(i)] = cost[at_cost:at_cost + group.count]
+                    at_cost += group.count
+                n = group.count if i is not None else group.count // group.shared[j][3]
+                if i is not None:
+                    own[g] += count[at_count:at_count + n]
+                else:
+                    shared[g][j] = count[at_count:at_count + n]
+                at_count += n
+        return cut_cost, own, shared
+
+    def _layer_lines(self, name, taken, choice):
+        """This layer's lines to remove: {(axis, "cut" or "dead"): indices}."""
+        lines, start = {}, 0
+        starts = {}
+        for g, group in enumerate(self.groups):
+            starts[g], start = start, start + group.count
+        for g, i, j, _ in self.slots.get(name, ()):
+            group = self.groups[g]
+            _, axis, width = self.line(g, i, j)
+            units = taken[starts[g]:starts[g] + group.count]
+            if i is not None:
+                cut = choice[starts[g]:starts[g] + group.count] == group.cuts.index(i) \
+                    if i in group.cuts else torch.zeros_like(units)
+                kinds = (("cut", units & cut), ("dead", units & ~cut))
+            else:
+                kinds = (("dead", units.reshape(-1, group.shared[j][3]).all(1)),)
+            for kind, blocks in kinds:
+                idx = (blocks.nonzero()[:, :1] * width + torch.arange(width)).flatten()
+                lines[axis, kind] = torch.cat([lines.get((axis, kind), idx[:0]), idx])
+        return lines
+
+    def update(self, quad: Quadratic, taken: dict, cand: UnitCandidates, cfg: Settings):
+        """The cut lines by exact joint OBS (surgeon), then the dead ones zeroed; weights that
+        were zero are zeroed again."""
+        W = quad.W.clone()
+        none = torch.zeros(0, dtype=torch.long)
+        rows, cols = (taken.get((axis, "cut"), none).to(W.device) for axis in ("rows", "cols"))
+        if cfg.method == "surgeon" and len(rows) + len(cols):
+            W = remove_rows_columns(W, quad.A_inv, quad.G_inv, rows, cols)
+        for axis in ("rows", "cols"):
+            for kind in ("cut", "dead"):
+                idx = taken.get((axis, kind), none).to(W.device)
+                if axis == "rows":
+                    W[idx] = 0
+                else:
+                    W[:, idx] = 0
+        W[:, :quad.n_in][quad.removed] = 0
+        return W
+
+
+def structure_of(name: str, units: list[UnitGroup] | None = None):
+    """'unstructured', 'rowcol', 'units' (with its groups) or 'N:M' (0 < N < M) -> its
+    structure, or ValueError."""
+    if name == "unstructured":
+        return Unstructured()
+    if name == "rowcol":
+        return RowCol()
+    if name == "units":
+        return Units(units or [])
     N, _, M = name.partition(":")
     if not (N.isdigit() and M.isdigit() and 0 < int(N) < int(M)):
-        raise ValueError(f"structure must be unstructured, rowcol or N:M with 0 < N < M, got "
-                         f"{name!r}")
+        raise ValueError(f"structure must be unstructured, rowcol, units or N:M with 0 < N < M, "
+                         f"got {name!r}")
     return NM(int(N), int(M))
 
 
@@ -675,10 +865,12 @@ def layer_sparsity(layers: dict[str, nn.Linear]) -> dict[str, float]:
             for name, layer in layers.items()}
 
 
-def shot(model, layers, batches, target, cfg: Settings, progress, t: int = 1, ranks=None):
+def shot(model, layers, batches, target, cfg: Settings, progress, t: int = 1, ranks=None,
+         structure=None):
     """One shot, as the module docstring shows it. Returns the seconds of each stage. With
     several processes (ranks, section 11) each does sections 3-6 for the layers it owns."""
-    structure, seconds, ranks = structure_of(cfg.structure), {}, ranks or OneProcess(layers)
+    structure, seconds = structure or structure_of(cfg.structure), {}
+    ranks = ranks or OneProcess(layers)
     own = ranks.own(layers)                                               # one process: all
     with stage(seconds, "curvature", ranks):                               # Sec. 3.1
         factors = {} if cfg.method == "magnitude" else kfac_factors(
@@ -705,21 +897,23 @@ def shot(model, layers, batches, target, cfg: Settings, progress, t: int = 1, ra
 
 
 def prune(model: nn.Module, batches, settings: Settings, on_shot=None, progress=None,
-          first_shot: int = 1):
+          first_shot: int = 1, units: list[UnitGroup] | None = None):
     """Prune `model` in place. batches: a list of (B, L) token id tensors on the model's device.
     on_shot(record) is called after each shot with that shot's record (a dict); progress(iterable,
     description) may wrap the long loops (e.g. tqdm); first_shot > 1 continues a run whose
-    earlier shots are already in the model. Returns a report: overall and per-layer sparsity and
-    the record of every shot."""
+    earlier shots are already in the model; units: the model's heads and MLP units, for
+    structure "units". Returns a report: overall and per-layer sparsity and the record of every
+    shot."""
     cfg, layers, batches = settings, prunable_layers(model), list(batches)
-    check(cfg, layers, batches)
+    check(cfg, layers, batches, units)
+    structure = structure_of(cfg.structure, units)
     ranks = processes(layers)               # several when torch.distributed is initialized
     total, records = sum(layer.weight.numel() for layer in layers.values()), []
     with highest_precision(), failure_note(layers, cfg.shots, records, first_shot):
         for t in range(first_shot, cfg.shots + 1) if cfg.sparsity > 0 else []:
             target = round(cfg.sparsity * total * t / cfg.shots)           # linear schedule
             labelled = _labelled(progress, t, cfg.shots)
-            seconds = shot(model, layers, batches, target, cfg, labelled, t, ranks)
+            seconds = shot(model, layers, batches, target, cfg, labelled, t, ranks, structure)
             records.append({"shot": t, "target": target / total,
                             "sparsity": overall_sparsity(layers), "seconds": seconds})
             if on_shot:
@@ -734,7 +928,7 @@ def prune(model: nn.Module, batches, settings: Settings, on_shot=None, progress=
 # 9. Checks before a weight is touched, precision, stages, and failure messages
 
 
-def check(settings: Settings, layers=None, batches=None):
+def check(settings: Settings, layers=None, batches=None, units=None):
     """Raise ValueError for anything that would fail later, before a weight is touched. Without
     layers and batches, checks the settings alone."""
     cfg = settings
@@ -765,9 +959,27 @@ def check(settings: Settings, layers=None, batches=None):
     if odd:
         raise ValueError(f"{structure.name} needs input widths divisible by {structure.M}; not so "
                          f"for {odd[:3]}")
+    if cfg.structure == "units":
+        check_units(units, layers)
     needs_data = cfg.method != "magnitude" or cfg.lora_steps > 0
     if needs_data and cfg.sparsity > 0 and len(batches) == 0:
         raise ValueError("calibration data is empty")
+
+
+def check_units(units, layers):
+    """Units need their groups; every line must fit its layer, and every line of a layer's
+    weights belong to one unit at most."""
+    if not units:
+        raise ValueError("structure 'units' needs the model's units: prune(..., units=...), "
+                         "e.g. from compact.units(model)")
+    for group in units:
+        for name, axis, width, *shared in (*group.lines, *group.shared):
+            layer = layers.get(name)
+            n = group.count // (shared[0] if shared else 1) * width
+            size = layer and (layer.out_features if axis == "rows" else layer.in_features)
+            if layer is None or axis not in ("rows", "cols") or n != size:
+                raise ValueError(f"unit lines ({name}, {axis}, {width}) x {n // width} do not "
+                                 f"match a prunable layer's {axis} ({size})")
 
 
 def check_device(name: str) -> torch.device:
@@ -988,7 +1200,7 @@ class OneProcess:
     def sum(self, x: torch.Tensor) -> torch.Tensor:
         return x
 
-    def concat(self, own: list[torch.Tensor], length) -> torch.Tensor:
+    def concat(self, own: list[torch.Tensor], lengths: list[int]) -> torch.Tensor:
         return torch.cat(own)
 
     def share_weights(self):
@@ -1036,9 +1248,8 @@ class Ranks(OneProcess):
         v[self.rank] = x
         return float(self.sum(v)[:self.rank].sum())
 
-    def concat(self, own: list[torch.Tensor], length) -> torch.Tensor:
-        """The vectors of all layers in model order (length(layer) each), from each rank's own."""
-        lengths = [length(layer) for layer in self.layers.values()]
+    def concat(self, own: list[torch.Tensor], lengths: list[int]) -> torch.Tensor:
+        """The vectors of all layers in model order (of these lengths), from each rank's own."""
         full, start, mine = torch.zeros(sum(lengths), dtype=own[0].dtype), 0, iter(own)
         for name, n in zip(self.layers, lengths):
             if self.owner[name] == self.rank:

@@ -9,11 +9,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import compact
 import surgeon
-from surgeon import Settings
+from surgeon import LINES, Settings
 from test_surgeon import calib, tiny_llama, tiny_opt, with_exact_zeros
 
-STRUCTURES = [("unstructured", 0.5), ("2:4", 0.5), ("4:8", 0.4), ("rowcol", 0.3)]
+STRUCTURES = [("unstructured", 0.5), ("2:4", 0.5), ("4:8", 0.4), ("rowcol", 0.3), ("units", 0.3)]
 CONFIGS = [(make, structure, sparsity, method, 0.0)
            for make, (structure, sparsity), method in itertools.product(
                ("opt", "llama"), STRUCTURES, surgeon.METHODS)] + \
@@ -23,15 +24,15 @@ CONFIGS = [(make, structure, sparsity, method, 0.0)
 
 def pruned(config):
     """The parameters after pruning one configuration (2 shots; 2 low-rank steps a shot for
-    rows and columns), and each shot's record."""
+    rows and columns and units), and each shot's record."""
     make, structure, sparsity, method, zeros = config
     model = {"opt": tiny_opt, "llama": tiny_llama}[make]()
     if zeros:
         with_exact_zeros(model, zeros)
     records = []
     surgeon.prune(model, calib(), Settings(sparsity=sparsity, structure=structure, method=method,
-                                           shots=2, lora_steps=2 if structure == "rowcol" else 0),
-                  on_shot=records.append)
+                                           shots=2, lora_steps=2 if structure in LINES else 0),
+                  on_shot=records.append, units=compact.units(model))
     return [p.detach().clone() for p in model.parameters()], [r["sparsity"] for r in records]
 
 

@@ -79,6 +79,12 @@ GRID = {
                        "--shots", "1"],
     "lobd-rowcol-20": ["--method", "lobd", "--structure", "rowcol", "--sparsity", "0.2",
                        "--shots", "1"],
+    # heads and MLP units (--structure units), the paper's schedule to 30%, the models saved
+    "surgeon-units-30": ["--method", "surgeon", "--structure", "units", "--sparsity", "0.3",
+                         "--shots", "24", "--eval-every", "4", "--lora-steps", "3",
+                         "--save", "out/surgeon-units-30"],
+    "kobd-units-30": ["--method", "kobd", "--structure", "units", "--sparsity", "0.3",
+                      "--shots", "24", "--eval-every", "4", "--save", "out/kobd-units-30"],
     # quality against time: LLM Surgeon in fewer shots than the paper's 5 (benchmarks/figure.py)
     **{f"surgeon-{name}-shots-{k}": ["--method", "surgeon", "--structure", structure,
                                      "--sparsity", "0.5", "--shots", str(k)]

@@ -1,0 +1,148 @@
+"""Heads and MLP units as candidates (structure "units"): every cut's cost against the brute-force
+dense OBS solve on tiny layers, the update against it, the threshold against a greedy walk with
+shared grouped-query lines, and end to end on tiny OPT and Llama: the target to one unit, every
+taken unit's lines zero, and compaction left with no zero line. Nothing is downloaded."""
+import pytest
+import torch
+
+import compact
+import surgeon
+from surgeon import Settings, UnitGroup
+from test_surgeon import calib, linear_of, mask_of, obs, tiny_layer, tiny_llama, tiny_opt
+
+
+def one_layer_units(axis, width, m, n):
+    """One layer 'l' whose rows (or columns) are units of `width` lines, each its own cut."""
+    count = (m if axis == "rows" else n) // width
+    return UnitGroup(count, [("l", axis, width)], [0])
+
+
+@pytest.mark.parametrize("axis,width", [("rows", 1), ("rows", 2), ("rows", 3), ("cols", 1),
+                                        ("cols", 2), ("cols", 4)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_cut_costs_are_the_joint_obs_cost_of_the_lines(axis, width, bias):
+    """damp_costs: exactly the OBS cost of removing the block of rows (with their bias) or
+    columns under the damped F; a dead row or column inside a block costs nothing more."""
+    W, A, G, _, _ = tiny_layer(m=6, n=8 + bias, seed=11)
+    n_in = 8
+    s = Settings(structure="units", damp_a=0.3, damp_g=0.2, damp_costs=True)
+    quad = surgeon.quadratic(linear_of(W, n_in), A, G, s, name="l")
+    units = surgeon.Units([one_layer_units(axis, width, 6, n_in)])
+    cost = units.candidates(quad, s).cost.double()
+    k = W.shape[1]
+    A_hat = A + 0.3 * A.diagonal().mean() * torch.eye(k, dtype=A.dtype)
+    G_hat = G + 0.2 * G.diagonal().mean() * torch.eye(6, dtype=G.dtype)
+    for b in range(len(cost)):
+        lines = range(b * width, (b + 1) * width)
+        Q = mask_of(W.shape, rows=lines) if axis == "rows" else mask_of(W.shape, cols=lines)
+        assert torch.isclose(cost[b], obs(W, A_hat, G_hat, Q)[1], rtol=1e-5), b
+
+
+@pytest.mark.parametrize("method", ["kobd", "lobd", "magnitude"])
+def test_cut_costs_of_the_baselines_are_the_quadratic_form(method):
+    W, A, G, _, _ = tiny_layer(m=6, n=8, seed=12)
+    s = Settings(structure="units", method=method)
+    quad = surgeon.quadratic(linear_of(W, 8), A.float(), G.float(), s, name="l")
+    F = torch.kron(G if method == "kobd" else torch.eye(6, dtype=G.dtype),
+                   A if method != "magnitude" else torch.eye(8, dtype=A.dtype))
+    for axis in ("rows", "cols"):
+        cost = surgeon.Units([one_layer_units(axis, 2, 6, 8)]).candidates(quad, s).cost.double()
+        for b in range(len(cost)):
+            lines = range(2 * b, 2 * b + 2)
+            Q = (mask_of(W.shape, rows=lines) if axis == "rows"
+                 else mask_of(W.shape, cols=lines)).flatten()
+            theta = W.flatten()[Q]
+            assert torch.isclose(cost[b], 0.5 * theta @ F[Q][:, Q] @ theta, rtol=1e-5)
+
+
+def test_the_update_is_the_cut_layers_obs_update_and_dead_lines_zeroed():
+    """Two layers: unit u's cut rows in 'a' by OBS, its dead columns of 'b' zeroed alone."""
+    W, A, G, A_inv, G_inv = tiny_layer(m=6, n=8, seed=13)
+    group = UnitGroup(3, [("a", "rows", 2), ("b", "cols", 2)], [0])
+    units = surgeon.Units([group])
+    taken = units._layer_lines("a", torch.tensor([True, False, True]), torch.zeros(3, dtype=torch.long))
+    s = Settings(structure="units", damp_a=0, damp_g=0)
+    quad = surgeon.quadratic(linear_of(W, 8), A, G, s, name="a")
+    new = units.update(quad, taken, None, s)
+    assert torch.allclose(new, obs(W, A, G, mask_of(W.shape, rows=[0, 1, 4, 5]))[0], atol=1e-10)
+    dead = units._layer_lines("b", torch.tensor([True, False, True]), torch.zeros(3, dtype=torch.long))
+    quad_b = surgeon.quadratic(linear_of(W, 8), A, G, s, name="b")
+    new_b = units.update(quad_b, dead, None, s)
+    keep = [2, 3, 6, 7]
+    assert (new_b[:, [0, 1, 4, 5]] == 0).all() and torch.equal(new_b[:, keep], W[:, keep])
+
+
+def greedy_units(costs, own, shared, k, target, zeros):
+    """Brute force: units in cost order (nothing left: first), counting own nonzeros and a
+    shared block's once all of its k units are taken, until the zeros reach the target."""
+    order = sorted(range(len(costs)), key=lambda u: (costs[u] if own[u] else -1, u))
+    taken, total = set(), zeros
+    for u in order:
+        if total >= target and own[u]:
+            break
+        taken.add(u)
+        total += own[u]
+        block = u // k
+        if all(v in taken for v in range(block * k, block * k + k)):
+            total += shared[block]
+    return taken
+
+
+@pytest.mark.parametrize("target", [0, 10, 37, 80, 150, 400])
+def test_select_counts_shared_grouped_query_lines_with_the_last_of_their_heads(target):
+    """Six query heads in layer q, two key-value heads in layer k shared by three each."""
+    gen = torch.Generator().manual_seed(target)
+    units = surgeon.Units([UnitGroup(6, [("q", "rows", 1)], [0], [("k", "rows", 1, 3)])])
+    costs = torch.rand(6, generator=gen)
+    own = torch.randint(0, 40, (6,), generator=gen)
+    own[4] = 0                                                   # all zero already
+    shared = torch.randint(1, 30, (2,), generator=gen)
+    cands = [surgeon.UnitCandidates(costs, own), surgeon.UnitCandidates(costs[:0], shared)]
+    one = surgeon.OneProcess({"q": torch.nn.Linear(1, 6), "k": torch.nn.Linear(1, 2)})
+    got = units.select(cands, target, 5, one)
+    want = greedy_units(costs.tolist(), own.tolist(), shared.tolist(), 3, target, 5)
+    assert sorted(got[0][("rows", "cut")].tolist()) == sorted(want)
+    dead_kv = [b for b in range(2) if all(u in want for u in range(3 * b, 3 * b + 3))]
+    assert got[1].get(("rows", "dead"), torch.zeros(0)).tolist() == dead_kv
+
+
+@pytest.mark.parametrize("make,grouped", [(tiny_opt, False), (tiny_llama, True),
+                                          (lambda: tiny_llama(hidden=32, heads=4, kv_heads=4),
+                                           False)])
+@pytest.mark.parametrize("method", surgeon.METHODS)
+def test_units_reach_the_target_and_go_whole(make, grouped, method):
+    """Every shot on its target to one unit; every unit keeps all its lines or none; the
+    compacted model computes the same, and without grouped queries keeps no zero."""
+    model = make()
+    groups = compact.units(model)
+    layers = surgeon.prunable_layers(model)
+    total = sum(layer.weight.numel() for layer in layers.values())
+    biggest = max(sum(w * (layers[l].in_features if a == "rows" else layers[l].out_features)
+                      for l, a, w in [*g.lines, *(x[:3] for x in g.shared)]) for g in groups)
+    shots = []
+    surgeon.prune(model, calib(), Settings(sparsity=0.3, structure="units", shots=3,
+                                           method=method, lora_steps=2), units=groups,
+                  on_shot=shots.append)
+    for t, shot in enumerate(shots, 1):
+        assert 0.1 * t - 1e-9 <= shot["sparsity"] <= 0.1 * t + biggest / total, t
+    for g in groups:
+        for u in range(g.count):
+            gone = [bool(((layers[l].weight[u * w:(u + 1) * w] if a == "rows"
+                           else layers[l].weight[:, u * w:(u + 1) * w]) == 0).all())
+                    for l, a, w in g.lines]
+            assert all(gone) or not any(gone), (g.lines, u, gone)
+    x = torch.randint(0, 50, (2, 10))
+    with torch.no_grad():
+        before = model(x).logits
+        report = compact.compact(model)
+        assert torch.allclose(model(x).logits, before, atol=1e-5)
+    assert grouped or report["zeros_kept"] == 0
+
+
+def test_units_need_their_groups_and_lines_that_fit():
+    model = tiny_llama()
+    with pytest.raises(ValueError, match="needs the model's units"):
+        surgeon.prune(model, calib(), Settings(sparsity=0.2, structure="units"))
+    bad = [UnitGroup(7, [("model.layers.0.mlp.gate_proj", "rows", 1)], [0])]
+    with pytest.raises(ValueError, match="do not match a prunable layer"):
+        surgeon.prune(model, calib(), Settings(sparsity=0.2, structure="units"), units=bad)
