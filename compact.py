@@ -56,29 +56,54 @@ def _compact_mlp(up: list[nn.Linear], down: nn.Linear, act, gated: bool) -> int:
 
 @torch.no_grad()
 def _compact_attention(attn: nn.Module) -> int:
-    """Remove heads whose output is exactly zero: their o/out_proj columns are zero, or their
-    v rows (with bias) are. With grouped k/v heads, only whole groups go. Returns heads removed."""
+    """Remove query heads whose output is exactly zero (their o/out_proj columns are zero, or
+    the v rows, with bias, of their key-value head are), then key-value heads that no query
+    head reads. Where the key-value groups that remain are uneven, k and v outputs are expanded
+    to one head per query head (_expand_kv), so that attention computes as if multi-head.
+    Returns the query heads removed."""
     q, k, v = attn.q_proj, attn.k_proj, attn.v_proj
     o = attn.o_proj if hasattr(attn, "o_proj") else attn.out_proj
     d, dev = attn.head_dim, q.weight.device
     heads, kv = q.out_features // d, k.out_features // d
-    group = heads // kv
-    dead_heads = _all_zero(o.weight.T.reshape(heads, d, -1)) | \
-        _all_zero(get_matrix(v).reshape(kv, d, -1)).repeat_interleave(group)
-    dead_groups = dead_heads.reshape(kv, group).all(1)    # whole groups only
-    dead_groups[0] &= not dead_groups.all()             # attention needs a head
-    keep_kv = (~dead_groups).nonzero()[:, 0]
-    keep_q = (keep_kv[:, None] * group + torch.arange(group, device=dev)).flatten()
-    rows_q = (keep_q[:, None] * d + torch.arange(d, device=dev)).flatten()
-    rows_kv = (keep_kv[:, None] * d + torch.arange(d, device=dev)).flatten()
-    _keep(q, rows=rows_q)
-    _keep(k, rows=rows_kv)
-    _keep(v, rows=rows_kv)
-    _keep(o, cols=rows_q)
+    kv_of = torch.tensor(getattr(attn, "kv_index", None) or
+                         [h * kv // heads for h in range(heads)], device=dev)   # (heads,)
+    dead = _all_zero(o.weight.T.reshape(heads, d, -1)) | \
+        _all_zero(get_matrix(v).reshape(kv, d, -1))[kv_of]
+    dead[0] &= not dead.all()                           # attention needs a head
+    keep_q = (~dead).nonzero()[:, 0]
+    keep_kv, kv_of = torch.unique(kv_of[keep_q], return_inverse=True)        # sorted
+    rows = lambda idx: (idx[:, None] * d + torch.arange(d, device=dev)).flatten()  # noqa: E731
+    _keep(q, rows=rows(keep_q))
+    _keep(k, rows=rows(keep_kv))
+    _keep(v, rows=rows(keep_kv))
+    _keep(o, cols=rows(keep_q))
     for name, value in (("num_heads", len(keep_q)), ("num_key_value_heads", len(keep_kv))):
         if hasattr(attn, name):
             setattr(attn, name, value)
-    return int(dead_groups.sum()) * group
+    group = len(keep_q) // len(keep_kv)
+    even = torch.equal(kv_of, torch.arange(len(keep_q), device=dev) // group)
+    _expand_kv(attn, None if even else kv_of.tolist())
+    if hasattr(attn, "num_key_value_groups"):
+        attn.num_key_value_groups = group if even else 1
+    return int(dead.sum())
+
+
+def _expand_kv(attn: nn.Module, kv_index):
+    """k_proj and v_proj output one head per query head (query head h reads key-value head
+    kv_index[h]) through forward hooks, or, with kv_index None, their own heads."""
+    for handle in getattr(attn, "_kv_hooks", []):
+        handle.remove()
+    attn.kv_index, attn._kv_hooks = kv_index, []
+    if kv_index is None:
+        return
+    index, d = torch.tensor(kv_index, device=attn.k_proj.weight.device), attn.head_dim
+
+    def expand(layer, inputs, y):                     # (..., kv * d) -> (..., heads * d)
+        return y.unflatten(-1, (-1, d)).index_select(-2, index.to(y.device)).flatten(-2)
+    attn._kv_hooks = [attn.k_proj.register_forward_hook(expand),
+                      attn.v_proj.register_forward_hook(expand)]
+    if hasattr(attn, "num_key_value_groups"):
+        attn.num_key_value_groups = 1
 
 
 def _kind(module: nn.Module) -> str | None:
@@ -169,7 +194,8 @@ def shapes(model: nn.Module) -> dict:
     """What `resize` needs to rebuild a compacted model from its original config."""
     return {"linear": {name: list(m.weight.shape) for name, m in model.named_modules()
                        if isinstance(m, nn.Linear)},
-            "heads": {name: {k: getattr(m, k) for k in ("num_heads", "num_key_value_heads")
+            "heads": {name: {k: getattr(m, k) for k in ("num_heads", "num_key_value_heads",
+                                                        "num_key_value_groups", "kv_index")
                              if hasattr(m, k)}
                       for name, m in model.named_modules() if hasattr(m, "head_dim")}}
 
@@ -182,58 +208,75 @@ def resize(model: nn.Module, spec: dict):
         if tuple(layer.weight.shape) != (out_f, in_f):
             _keep(layer, rows=torch.arange(out_f), cols=torch.arange(in_f))
     for name, attrs in spec["heads"].items():
+        attn = model.get_submodule(name)
         for k, value in attrs.items():
-            setattr(model.get_submodule(name), k, value)
+            if k != "kv_index":
+                setattr(attn, k, value)
+        _expand_kv(attn, attrs.get("kv_index"))
 
 
-# The saved format: a Hugging Face folder whose compact.json holds the shapes, and whose
-# config.json names another model_type, so that plain from_pretrained (which would build the
-# dense shapes) stops with a message that names the loader.
+# The saved format: a Hugging Face folder with a modeling file written here (MODELING: the
+# model's own classes, made to take the compacted shapes from config.json's "compact") and
+# config.json's auto_map naming it, so that
+# AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True) loads it.
 
 
-COMPACT = "compact.json"
+MODELING = "modeling_compacted.py"
+TEMPLATE = '''"""{model_type}, compacted by llm-surgeon (compact.py): its layers have shapes of their own
+(config.json's "compact"), which this file gives them. Load the folder with
+AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)."""
+import torch
+import torch.nn as nn
+from transformers import {config_class}, {model_class}
+
+
+class CompactedConfig({config_class}):
+    model_type = "{model_type}-compacted"
+
+    def __init__(self, compact=None, **kwargs):
+        super().__init__(**kwargs)
+        self.compact = compact or {{"linear": {{}}, "heads": {{}}}}
+
+
+class CompactedForCausalLM({model_class}):
+    config_class = CompactedConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        resize(self, config.compact)
+
+
+{functions}'''
 
 
 def is_compacted(folder) -> bool:
-    return os.path.isfile(os.path.join(folder, COMPACT))
+    return os.path.isfile(os.path.join(folder, MODELING))
 
 
 def save(model, tokenizer, folder, shapes):
-    """save_pretrained, plus compact.json with the shapes (from `compact`) that `load` rebuilds."""
+    """save_pretrained, with the shapes (from `compact`) in config.json and the modeling file
+    that rebuilds them."""
+    import inspect
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     path = os.path.join(folder, "config.json")
     with open(path) as f:
         config = json.load(f)
-    with open(os.path.join(folder, COMPACT), "w") as f:
-        json.dump({"model_type": config["model_type"], **shapes}, f)
-    config["model_type"] = (f"{config['model_type']}-compacted; load with "
-                            "run_opt.load(folder) or compact.load(folder) of llm-surgeon")
+    base = config["model_type"].removesuffix("-compacted")
+    functions = "\n\n".join(inspect.getsource(f) for f in (_keep, resize, _expand_kv))
+    with open(os.path.join(folder, MODELING), "w") as f:
+        f.write(TEMPLATE.format(model_type=base, config_class=type(model.config).__name__,
+                                model_class=type(model).__name__, functions=functions))
+    module = MODELING[:-3]
+    config.update(model_type=f"{base}-compacted", compact=shapes,
+                  architectures=["CompactedForCausalLM"],
+                  auto_map={"AutoConfig": f"{module}.CompactedConfig",
+                            "AutoModelForCausalLM": f"{module}.CompactedForCausalLM"})
     with open(path, "w") as f:
         json.dump(config, f, indent=1)
 
 
 def load(folder, dtype="auto"):
     """The compacted model of a folder that `save` wrote, in `dtype` (auto: as saved)."""
-    from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForCausalLM
-    with open(os.path.join(folder, COMPACT)) as f:
-        spec = json.load(f)
-    with open(os.path.join(folder, "config.json")) as f:
-        config = json.load(f)
-    config.pop("model_type")
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(spec["model_type"], **config),
-                                             dtype=torch.float32)
-    resize(model, spec)
-    state = {}
-    for file in sorted(os.listdir(folder)):
-        if file.endswith(".safetensors"):
-            state.update(load_file(os.path.join(folder, file)))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    head = [n for n, m in model.named_modules() if m is model.get_output_embeddings()]
-    tied = {f"{head[0]}.weight"} if model.config.tie_word_embeddings and head else set()
-    if unexpected or set(missing) - tied:
-        raise ValueError(f"{folder} does not match its {COMPACT}: missing {missing[:3]}, "
-                         f"unexpected {unexpected[:3]}")
-    model.tie_weights()
-    return model.to(next(iter(state.values())).dtype if dtype == "auto" else dtype)
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=dtype)

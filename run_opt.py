@@ -580,7 +580,8 @@ def load_tokenizer(name):
     """The tokenizer and the model's context length, without loading the weights."""
     from transformers import AutoConfig, AutoTokenizer
     with loading(name), compacted_quietly(name):
-        tokenizer = AutoTokenizer.from_pretrained(name)
+        tokenizer = AutoTokenizer.from_pretrained(        # a compacted folder: our own code
+            name, trust_remote_code=compaction.is_compacted(name))
         if os.path.isdir(name):                     # compacted folders too: plain JSON
             with open(os.path.join(name, "config.json")) as f:
                 config = json.load(f)
