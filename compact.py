@@ -96,7 +96,8 @@ def _expand_kv(attn: nn.Module, kv_index):
     attn.kv_index, attn._kv_hooks = kv_index, []
     if kv_index is None:
         return
-    index, d = torch.tensor(kv_index, device=attn.k_proj.weight.device), attn.head_dim
+    index, d = torch.tensor(kv_index, device="cpu"), attn.head_dim    # not meta, where models
+                                                                    # are built to be loaded
 
     def expand(layer, inputs, y):                     # (..., kv * d) -> (..., heads * d)
         return y.unflatten(-1, (-1, d)).index_select(-2, index.to(y.device)).flatten(-2)

@@ -106,13 +106,13 @@ def test_select_counts_shared_grouped_query_lines_with_the_last_of_their_heads(t
     assert got[1].get(("rows", "dead"), torch.zeros(0)).tolist() == dead_kv
 
 
-@pytest.mark.parametrize("make,grouped", [(tiny_opt, False), (tiny_llama, True),
-                                          (lambda: tiny_llama(hidden=32, heads=4, kv_heads=4),
-                                           False)])
+@pytest.mark.parametrize("make", [tiny_opt, tiny_llama,
+                                  lambda: tiny_llama(hidden=32, heads=4, kv_heads=4),
+                                  lambda: tiny_llama(hidden=32, heads=4, kv_heads=2)])
 @pytest.mark.parametrize("method", surgeon.METHODS)
-def test_units_reach_the_target_and_go_whole(make, grouped, method):
+def test_units_reach_the_target_and_go_whole(make, method):
     """Every shot on its target to one unit; every unit keeps all its lines or none; the
-    compacted model computes the same, and without grouped queries keeps no zero."""
+    compacted model computes the same and keeps no zero line."""
     model = make()
     groups = compact.units(model)
     layers = surgeon.prunable_layers(model)
@@ -136,7 +136,7 @@ def test_units_reach_the_target_and_go_whole(make, grouped, method):
         before = model(x).logits
         report = compact.compact(model)
         assert torch.allclose(model(x).logits, before, atol=1e-5)
-    assert grouped or report["zeros_kept"] == 0
+    assert report["zeros_kept"] == 0 and report["zero_columns_kept"] == 0
 
 
 def test_units_need_their_groups_and_lines_that_fit():
@@ -146,3 +146,32 @@ def test_units_need_their_groups_and_lines_that_fit():
     bad = [UnitGroup(7, [("model.layers.0.mlp.gate_proj", "rows", 1)], [0])]
     with pytest.raises(ValueError, match="do not match a prunable layer"):
         surgeon.prune(model, calib(), Settings(sparsity=0.2, structure="units"), units=bad)
+
+
+def test_uneven_grouped_query_heads_compact_and_load_with_from_pretrained(tmp_path):
+    """Block 0 loses query head 0 (its key-value head keeps one query head, the other two):
+    uneven groups, read through the k/v expansion; block 1 loses a whole group. The saved
+    folder loads with plain from_pretrained(trust_remote_code=True) to the same logits."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from test_run_opt import make_files
+    files = make_files(tmp_path / "files")
+    model = tiny_llama(vocab=300, hidden=32, heads=4, kv_heads=2)
+    d = 8
+    with torch.no_grad():
+        model.model.layers[0].self_attn.o_proj.weight[:, 0:d] = 0
+        model.model.layers[1].self_attn.o_proj.weight[:, 2 * d:4 * d] = 0
+    ids = torch.randint(0, 300, (2, 12))
+    with torch.no_grad():
+        before = model(ids).logits
+        report = compact.compact(model)
+        after = model(ids).logits
+    assert report["heads_removed"] == 3 and torch.allclose(after, before, atol=1e-5)
+    first, second = (model.model.layers[i].self_attn for i in (0, 1))
+    assert first.kv_index == [0, 1, 1] and first.k_proj.out_features == 2 * d
+    assert second.kv_index is None and second.num_key_value_groups == 2
+    assert second.k_proj.out_features == d and second.q_proj.out_features == 2 * d
+    compact.save(model, AutoTokenizer.from_pretrained(files / "llama"), tmp_path / "saved",
+                 report["shapes"])
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "saved", trust_remote_code=True)
+    with torch.no_grad():
+        assert torch.allclose(plain(ids).logits, after, atol=1e-6)
