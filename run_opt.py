@@ -42,165 +42,171 @@ WIKITEXT = ("Salesforce/wikitext", "wikitext-2-raw-v1")
 
 
 # ----------------------------------------------------------------------------------------------
-# The command line, in the order `run` calls what follows
+# The pipeline: load, calibrate, prune, evaluate, save. `run` is the command line's; the peers in
+# benchmarks/ run the same `pipeline` with their own Pruner.
 
-
-DEFAULT = surgeon.Settings()          # the method's defaults are Settings'; the flags read them
-
-
-def cli():
-    """The installed `llm-surgeon` command: main, exit status 0 after a good run (main returns
-    the record, which an entry point's sys.exit would print and take for a failure)."""
-    main()
-    return 0
-
-
-def main(argv=None):
-    """The command line; returns the run's record (under torchrun it exits instead)."""
-    if world_size() == 1:
-        return command_line(run, argv)
-    try:                          # under torchrun: the ranks met at a barrier when done; leave
-        command_line(run, argv)   # without the interpreter's teardown, where gloo's threads can
-        code = 0                  # abort a finished rank ("terminate called without an active
-    except SystemExit as exit:    # exception")
-        code = exit.code if isinstance(exit.code, int) else 1
-    sys.stdout.flush()
-    sys.stderr.flush()
-    if code and not main_rank():  # torchrun stops every rank when one exits: rank 0, which
-        time.sleep(2)             # failed alike, says why first
-    os._exit(code)
-
-
-def command_line(run, argv=None):
-    """run(argv), with errors as one `error:` line (exit 2), and Ctrl-C and SIGTERM (what batch
-    schedulers send at a time limit) as one line (exit 130 and 143)."""
-    before, stdout = signal.signal(signal.SIGTERM, terminate), sys.stdout
-    if not main_rank():                        # under torchrun, rank 0 alone speaks
-        sys.stdout = open(os.devnull, "w")
-    try:
-        return run(argv)
-    except Failure as err:
-        if main_rank():
-            print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    except (Interrupted, KeyboardInterrupt) as err:
-        what = "terminated" if isinstance(err, Terminated) or getattr(err, "terminated", False) \
-            else "interrupted"
-        if main_rank():
-            print(f"{what}{': ' if str(err) else ''}{err}", file=sys.stderr)
-        sys.exit(143 if what == "terminated" else 130)
-    finally:
-        signal.signal(signal.SIGTERM, before)
-        if sys.stdout is not stdout:
-            sys.stdout.close()
-            sys.stdout = stdout
-
-
-def main_rank():
-    """Whether this process is rank 0 of a torchrun launch (or the only process)."""
-    return os.environ.get("RANK", "0") == "0"
-
-
-def world_size():
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, treated as Ctrl-C is."""
-
-
-def terminate(signum, frame):
-    raise Terminated()
-
-
-class Failure(Exception):
-    """An input that cannot work; `main` prints it as one `error:` line and exits with 2."""
-
-
-class Interrupted(Exception):
-    """Ctrl-C or SIGTERM; `main` prints where the run stood and exits with 130 or 143."""
-    def __init__(self, message, terminated=False):
-        super().__init__(message)
-        self.terminated = terminated
-
-
-def fail(message):
-    raise Failure(message)
-
-
-def one_line(err, limit=300) -> str:
-    """An exception's whole message as one line (at most `limit` characters)."""
-    text = " ".join(str(err).split())
-    return text if len(text) <= limit else text[:limit - 3] + "..."
+RECORD = {              # the fields of the JSON record (--json), written down in one place
+    "settings": "every flag's value after defaults, and the device",
+    "versions": "python, torch, transformers",
+    "provenance": "commit, dirty, threads, cpus, world_size, load_average, started",
+    "seconds": "each stage's wall time: data, load, eval_dense, prune, eval_pruned, compact, save",
+    "peak_memory_mb": "each stage's peak (CUDA: allocated; CPU: the process's resident size)",
+    "peak_memory_mb_ranks": "several processes: each rank's peak_memory_mb",
+    "params_dense": "the model's parameters as loaded",
+    "model_dtype": "the dtype of the weights as loaded",
+    "sparsity_before": "fraction of the pruned layers' weights that were zero as loaded",
+    "ppl_dense": "perplexity before pruning (None with --skip-dense-eval)",
+    "ppl_pruned": "perplexity after pruning (after the last shot)",
+    "sparsity": "fraction of the pruned layers' weights that are zero at the end",
+    "layers": "each pruned layer's fraction of zero weights",
+    "shots": "each shot: shot, target, sparsity, seconds of each part, ppl where evaluated",
+    "resumed": "--resume: from_shot, and prune_seconds_all_shots over the earlier runs too",
+    "latency_ms_pruned": "--compact: forward latency of 8 test windows before compaction",
+    "latency_ms_compact": "--compact: the same after compaction",
+    "ppl_compact": "--compact: perplexity after compaction",
+    "params_compact": "--compact: the model's parameters after compaction",
+    "compact": "--compact: params_before/after, mlp_units_removed, heads_removed, zeros_kept, "
+               "zero_columns_kept",
+}
 
 
 def run(argv=None):
+    """The command line: the arguments checked before anything loads, then the pipeline."""
     args = parse_args(argv)
     device, settings = validate(args)
+    return pipeline(args, device, Surgeon(args, settings))
+
+
+class Pruner:
+    """What the pipeline asks of a pruning method (run_opt's is Surgeon). Before the model
+    loads, `check` sees the calibration windows; `prune` prunes the loaded model in place and
+    returns a report {sparsity, layers, shots}; `after` may change the pruned model (compaction)
+    and returns what `save` needs. `check_model` sees the loaded layers before anything runs."""
+    calibrate = True            # whether it needs calibration windows
+    prunes = True               # False: the pipeline only evaluates
+
+    def check(self, args, calib):
+        pass
+
+    def check_model(self, model, layers, calib):
+        pass
+
+    def prune(self, model, layers, calib, test, device, record) -> dict:
+        raise NotImplementedError
+
+    def after(self, model, test, device, record):
+        return None
+
+    def save(self, model, tokenizer, folder, after, record):
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+
+
+def pipeline(args, device, pruner: Pruner):
+    """Load (args.model, args.dtype, args.device_map), calibrate and evaluate (args.train_file,
+    test_file, nsamples, seqlen, seed, eval_windows), prune with `pruner`, evaluate again, save
+    (args.save) and write the record (args.json, fields in RECORD). Returns the record."""
     start_ranks(device)
     record = new_record(args, device)
     with stage(record, "data", device):            # the text is checked before the model loads
         tokenizer, context = load_tokenizer(args.model)
-        test, calib = load_data(args, tokenizer, context)
-        check_shapes(args, settings, calib)
+        test, calib = load_data(args, tokenizer, context, pruner.prunes and pruner.calibrate)
+        pruner.check(args, calib)
     with stage(record, "load", device):
         model, layers = load_stage(args, device, record)
         calib = [w.to(device) for w in calib]
         release_memory()
-        if args.sparsity > 0:
-            try:
-                surgeon.check(settings, layers, calib, units_of(args, model))
-            except ValueError as err:
-                fail(str(err))
-    compact = args.compact and args.sparsity > 0 and args.structure in surgeon.LINES
-    if args.compact and args.structure not in surgeon.LINES:
-        print(f"--compact: nothing to compact, {args.structure} pruning leaves no whole rows or "
-              "columns; the zeros stay in place")
+        if pruner.prunes:
+            pruner.check_model(model, layers, calib)
     record["ppl_dense"] = None
-    if args.sparsity == 0 or not args.skip_dense_eval:
+    if not pruner.prunes or not args.skip_dense_eval:
         with stage(record, "eval_dense", device):
             record["ppl_dense"] = perplexity(model, test, device, "eval dense")
-        print(f"{'perplexity' if args.sparsity == 0 else 'dense perplexity'}: "
+        print(f"{'perplexity' if not pruner.prunes else 'dense perplexity'}: "
               f"{record['ppl_dense']:.2f}")
     record.update(ppl_pruned=record["ppl_dense"], sparsity=record["sparsity_before"],
                   layers=surgeon.layer_sparsity(layers), shots=[])
-    if args.sparsity > 0:
+    after = None
+    if pruner.prunes:
         with stage(record, "prune", device):
-            report = prune_stage(args, settings, model, layers, calib, test, device)
+            report = pruner.prune(model, layers, calib, test, device, record)
         with stage(record, "eval_pruned", device):
             last = report["shots"][-1] if report["shots"] else {}
             record["ppl_pruned"] = last["ppl"] if "ppl" in last else \
                 perplexity(model, test, device, "eval pruned")     # evaluated after its last shot
         record.update(sparsity=report["sparsity"], layers=report["layers"], shots=report["shots"])
-        if report["first_shot"] > 1:             # "prune" above timed only this process's shots
-            record["resumed"] = {"from_shot": report["first_shot"],
-                                 "prune_seconds_all_shots": round(sum(
-                                     sum(shot["seconds"].values()) for shot in report["shots"]), 2)}
         print_pruned(record, layers)
-    shapes = None
-    if compact:
-        with stage(record, "compact", device):
-            shapes = compact_stage(model, test, device, record)
+        after = pruner.after(model, test, device, record)
     if args.save and main_rank():
         with stage(record, "save", device):
-            save_stage(args, model, tokenizer, shapes, record)
+            pruner.save(model, tokenizer, args.save, after, record)
+            with open(os.path.join(args.save, SAVED), "w") as f:
+                json.dump({"settings": record["settings"], "ppl_pruned": record["ppl_pruned"]}, f)
+            print(f"saved to {args.save}")
     gather_peaks(record)
     print("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in record["seconds"].items())
           + f"; peak memory {max(record['peak_memory_mb'].values()):.0f} MB")
     if args.json and main_rank():
         with open(args.json, "w") as f:
             json.dump(record, f, indent=1)
-    if args.checkpoint and args.sparsity > 0 and main_rank():
-        path = os.path.join(args.checkpoint, CHECKPOINT)
-        print(f"checkpoint of the last shot kept in {path} ({os.path.getsize(path) / 2**20:.0f} "
-              "MB); delete it when the run is no longer needed")
     if world_size() > 1:                      # every rank done before any leaves (main)
         torch.distributed.barrier()
     return record
 
 
+class Surgeon(Pruner):
+    """LLM Surgeon (surgeon.prune) with run_opt's flags: checkpoints and resume, --eval-every,
+    --compact."""
+
+    def __init__(self, args, settings):
+        self.args, self.settings = args, settings
+        self.prunes = args.sparsity > 0
+        self.calibrate = args.method != "magnitude" or args.lora_steps > 0
+        self.compact = args.compact and args.structure in surgeon.LINES
+        if args.compact and args.structure not in surgeon.LINES:
+            print(f"--compact: nothing to compact, {args.structure} pruning leaves no whole rows "
+                  "or columns; the zeros stay in place")
+
+    def check(self, args, calib):
+        check_shapes(args, self.settings, calib)
+
+    def check_model(self, model, layers, calib):
+        try:
+            surgeon.check(self.settings, layers, calib, units_of(self.args, model))
+        except ValueError as err:
+            fail(str(err))
+
+    def prune(self, model, layers, calib, test, device, record):
+        report = prune_stage(self.args, self.settings, model, layers, calib, test, device)
+        if report["first_shot"] > 1:             # "prune" timed only this process's shots
+            record["resumed"] = {"from_shot": report["first_shot"],
+                                 "prune_seconds_all_shots": round(sum(
+                                     sum(shot["seconds"].values()) for shot in report["shots"]), 2)}
+        return report
+
+    def after(self, model, test, device, record):
+        if self.args.checkpoint and main_rank():
+            path = os.path.join(self.args.checkpoint, CHECKPOINT)
+            print(f"checkpoint of the last shot kept in {path} "
+                  f"({os.path.getsize(path) / 2**20:.0f} MB); delete it when the run is no "
+                  "longer needed")
+        if self.compact:
+            with stage(record, "compact", device):
+                return compact_stage(model, test, device, record)
+        return None
+
+    def save(self, model, tokenizer, folder, shapes, record):
+        if shapes:
+            compaction.save(model, tokenizer, folder, shapes)
+        else:
+            super().save(model, tokenizer, folder, shapes, record)
+
+
 # ----------------------------------------------------------------------------------------------
 # Arguments
+
+
+DEFAULT = surgeon.Settings()          # the method's defaults are Settings'; the flags read them
 
 
 class Help(argparse.HelpFormatter):
@@ -604,7 +610,7 @@ def compacted_quietly(name):
         logging.set_verbosity(before)
 
 
-def load_data(args, tokenizer, context):
+def load_data(args, tokenizer, context, calibrate=True):
     """Evaluation windows, and calibration windows where pruning needs them (on the CPU)."""
     if args.seqlen and args.seqlen > context:
         fail(f"--seqlen {args.seqlen} is longer than the model's context ({context})")
@@ -614,7 +620,7 @@ def load_data(args, tokenizer, context):
                         source)
     print(f"evaluation: {len(test)} windows of {seqlen} tokens from {source}")
     calib = []
-    if args.sparsity > 0 and (args.method != "magnitude" or args.lora_steps):
+    if calibrate:
         source = args.train_file or "WikiText-2 train"
         calib = calibration_windows(token_ids(tokenizer, args.train_file, "train"),
                                     args.nsamples, seqlen, args.seed, source)
@@ -780,7 +786,7 @@ def units_of(args, model):
 
 
 def load_stage(args, device, record):
-    model = load_model(args.model, device, args.device_map, args.dtype)
+    model = load_model(args.model, device, getattr(args, "device_map", None), args.dtype)
     layers = surgeon.prunable_layers(model)
     total = sum(layer.weight.numel() for layer in layers.values())
     record["params_dense"] = sum(p.numel() for p in model.parameters())
@@ -992,7 +998,8 @@ def read_checkpoint(folder, args, settings, layers):
 
 def print_pruned(record, layers):
     total = sum(layer.weight.numel() for layer in layers.values())
-    print("sparsity per layer (percent zero):\n" + sparsity_table(record["layers"]))
+    if record["layers"]:
+        print("sparsity per layer (percent zero):\n" + sparsity_table(record["layers"]))
     print(f"sparsity: {record['sparsity']:.4f} of the pruned layers' {total / 1e6:.1f}M weights")
     dense = "not evaluated" if record["ppl_dense"] is None else f"{record['ppl_dense']:.2f}"
     print(f"perplexity: dense {dense} -> pruned {record['ppl_pruned']:.2f}")
@@ -1037,15 +1044,95 @@ def compact_stage(model, test, device, record):
     return report["shapes"]
 
 
-def save_stage(args, model, tokenizer, shapes, record):
-    if shapes:
-        compaction.save(model, tokenizer, args.save, shapes)
-    else:
-        model.save_pretrained(args.save)
-        tokenizer.save_pretrained(args.save)
-    with open(os.path.join(args.save, SAVED), "w") as f:
-        json.dump({"settings": record["settings"], "ppl_pruned": record["ppl_pruned"]}, f)
-    print(f"saved to {args.save}")
+# ----------------------------------------------------------------------------------------------
+# Running as a command: one `error:` line for a bad input (exit 2), one line for Ctrl-C and
+# SIGTERM (exit 130, 143), and under torchrun rank 0 alone speaks
+
+
+def cli():
+    """The installed `llm-surgeon` command: main, exit status 0 after a good run (main returns
+    the record, which an entry point's sys.exit would print and take for a failure)."""
+    main()
+    return 0
+
+
+def main(argv=None):
+    """The command line; returns the run's record (under torchrun it exits instead)."""
+    if world_size() == 1:
+        return command_line(run, argv)
+    try:                          # under torchrun: the ranks met at a barrier when done; leave
+        command_line(run, argv)   # without the interpreter's teardown, where gloo's threads can
+        code = 0                  # abort a finished rank ("terminate called without an active
+    except SystemExit as exit:    # exception")
+        code = exit.code if isinstance(exit.code, int) else 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if code and not main_rank():  # torchrun stops every rank when one exits: rank 0, which
+        time.sleep(2)             # failed alike, says why first
+    os._exit(code)
+
+
+def command_line(run, argv=None):
+    """run(argv), with errors as one `error:` line (exit 2), and Ctrl-C and SIGTERM (what batch
+    schedulers send at a time limit) as one line (exit 130 and 143)."""
+    before, stdout = signal.signal(signal.SIGTERM, terminate), sys.stdout
+    if not main_rank():                        # under torchrun, rank 0 alone speaks
+        sys.stdout = open(os.devnull, "w")
+    try:
+        return run(argv)
+    except Failure as err:
+        if main_rank():
+            print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except (Interrupted, KeyboardInterrupt) as err:
+        what = "terminated" if isinstance(err, Terminated) or getattr(err, "terminated", False) \
+            else "interrupted"
+        if main_rank():
+            print(f"{what}{': ' if str(err) else ''}{err}", file=sys.stderr)
+        sys.exit(143 if what == "terminated" else 130)
+    finally:
+        signal.signal(signal.SIGTERM, before)
+        if sys.stdout is not stdout:
+            sys.stdout.close()
+            sys.stdout = stdout
+
+
+def main_rank():
+    """Whether this process is rank 0 of a torchrun launch (or the only process)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def world_size():
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, treated as Ctrl-C is."""
+
+
+def terminate(signum, frame):
+    raise Terminated()
+
+
+class Failure(Exception):
+    """An input that cannot work; `main` prints it as one `error:` line and exits with 2."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C or SIGTERM; `main` prints where the run stood and exits with 130 or 143."""
+    def __init__(self, message, terminated=False):
+        super().__init__(message)
+        self.terminated = terminated
+
+
+def fail(message):
+    raise Failure(message)
+
+
+def one_line(err, limit=300) -> str:
+    """An exception's whole message as one line (at most `limit` characters)."""
+    text = " ".join(str(err).split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 if __name__ == "__main__":

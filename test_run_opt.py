@@ -128,7 +128,7 @@ def test_magnitude_needs_no_calibration_text(files, capsys):
 
 @pytest.mark.parametrize("extra,message", [
     (["--sparsity", "1.5"], "argument --sparsity: must be in [0, 1), got 1.5"),
-    (["--structure", "blocks"], "argument --structure: structure must be unstructured, rowcol or N:M"),
+    (["--structure", "blocks"], "argument --structure: structure must be unstructured, rowcol, units or N:M"),
     (["--structure", "2:4", "--sparsity", "0.7"], "2:4 removes at most 2/4 of the weights"),
     (["--seqlen", "100"], "longer than the model's context (64)"),
     (["--train-file", "{root}/nope.txt"], "cannot read"),

@@ -235,51 +235,43 @@ def run(argv=None):
     p.add_argument("--sparsity", type=run_opt.fraction, default=0.5,
                    help="unstructured: fraction removed from every layer (default %(default)s); "
                         "N:M removes N/M")
-    add_data_flags(p, "--dtype")
+    add_data_flags(p, "--dtype", "--save")
     p.add_argument("--skip-dense-eval", action="store_true", help="do not evaluate the dense model")
     args = p.parse_args(argv)
     try:
         n, m = parse_structure(args.structure)
     except argparse.ArgumentTypeError as err:
         p.error(str(err))
-    if n:
-        args.sparsity = n / m
-    args.lora_steps, args.shots, args.device_map = 0, 1, None    # what run_opt's stages read
     device = surgeon.check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     args.dtype = args.dtype or ("auto" if device.type == "cuda" else "float32")
     if args.json:
         run_opt.writable_file(args.json, "--json")
-    record = run_opt.new_record(args, device)
-    with run_opt.stage(record, "data", device):
-        test, calib = run_opt.load_data(args, *run_opt.load_tokenizer(args.model))
-    with run_opt.stage(record, "load", device):
-        model, layers = run_opt.load_stage(args, device, record)
-        calib = [w.to(device) for w in calib]
-    if n and any(layer.in_features % m for layer in layers.values()):
-        p.error(f"{args.structure} needs input widths divisible by {m}")
-    record["ppl_dense"] = None
-    if not args.skip_dense_eval:
-        with run_opt.stage(record, "eval_dense", device):
-            record["ppl_dense"] = run_opt.perplexity(model, test, device, "eval dense")
-        print(f"dense perplexity: {record['ppl_dense']:.2f}")
-    print(f"pruning {args.structure} {args.sparsity:.0%} with {args.method}, block by block")
-    from tqdm import tqdm
-    with run_opt.stage(record, "prune", device):
-        seconds = prune(model, calib, args.method, 0 if n else args.sparsity, n, m,
+    if args.save:
+        run_opt.writable_folder(args.save, "--save", run_opt.SAVED)
+    return run_opt.pipeline(args, device, Peer(args.method, args.structure,
+                                               n / m if n else args.sparsity, n, m))
+
+
+class Peer(run_opt.Pruner):
+    """SparseGPT or Wanda in run_opt's pipeline: block by block, in one shot."""
+
+    def __init__(self, method, structure, sparsity, n, m):
+        self.method, self.structure, self.sparsity, self.n, self.m = \
+            method, structure, sparsity, n, m
+
+    def check_model(self, model, layers, calib):
+        if self.n and any(layer.in_features % self.m for layer in layers.values()):
+            run_opt.fail(f"{self.structure} needs input widths divisible by {self.m}")
+
+    def prune(self, model, layers, calib, test, device, record):
+        from tqdm import tqdm
+        print(f"pruning {self.structure} {self.sparsity:.0%} with {self.method}, block by block")
+        seconds = prune(model, calib, self.method, 0 if self.n else self.sparsity, self.n, self.m,
                         progress=lambda it: tqdm(it, desc="blocks", leave=False, file=sys.stderr))
-    sparsity = surgeon.overall_sparsity(layers)
-    record["shots"] = [{"shot": 1, "target": args.sparsity, "sparsity": sparsity,
-                        "seconds": seconds}]
-    with run_opt.stage(record, "eval_pruned", device):
-        record["ppl_pruned"] = run_opt.perplexity(model, test, device, "eval pruned")
-    record.update(sparsity=sparsity, layers=surgeon.layer_sparsity(layers))
-    run_opt.print_pruned(record, layers)
-    print("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items()))
-    if args.json:
-        import json
-        with open(args.json, "w") as f:
-            json.dump(record, f, indent=1)
-    return record
+        sparsity = surgeon.overall_sparsity(layers)
+        return {"sparsity": sparsity, "layers": surgeon.layer_sparsity(layers),
+                "shots": [{"shot": 1, "target": self.sparsity, "sparsity": sparsity,
+                           "seconds": seconds}]}
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ import copy
 import json
 import os
 import sys
+import time
 
 import torch
 import torch.nn as nn
@@ -401,36 +402,30 @@ def run(argv=None):
                    help="time the forward pass of 8 test windows, dense and sliced")
     p.add_argument("--skip-dense-eval", action="store_true", help="do not evaluate the dense model")
     args = p.parse_args(argv)
-    args.method, args.device_map, args.dtype = "slicegpt", None, "float32"  # run_opt's stages
+    args.dtype = "float32"
     device = surgeon.check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.json:
         run_opt.writable_file(args.json, "--json")
     if args.save:
         run_opt.writable_folder(args.save, "--save", SPEC)
-    record = run_opt.new_record(args, device)
-    with run_opt.stage(record, "data", device):
-        tokenizer, context = run_opt.load_tokenizer(args.model)
-        seqlen = args.seqlen or min(2048, context)
-        test = run_opt.eval_windows(run_opt.token_ids(tokenizer, args.test_file, "test"), seqlen,
-                                    args.eval_windows, args.test_file or "WikiText-2 test")
-        calib = run_opt.calibration_windows(run_opt.token_ids(tokenizer, args.train_file, "train"),
-                                            args.nsamples, seqlen, args.seed,
-                                            args.train_file or "WikiText-2 train")
-        print(f"calibration: {len(calib)} windows, evaluation: {len(test)} windows of {seqlen}")
-    with run_opt.stage(record, "load", device):
-        model, layers = run_opt.load_stage(args, device, record)
-        calib = [w.to(device) for w in calib]
-    dense_blocks, params_dense = block_weights(model), sum(p.numel() for p in model.parameters())
-    record["ppl_dense"] = None
-    if not args.skip_dense_eval:
-        with run_opt.stage(record, "eval_dense", device):
-            record["ppl_dense"] = run_opt.perplexity(model, test, device, "eval dense")
-        print(f"dense perplexity: {record['ppl_dense']:.2f}")
-    batch = torch.cat(test[:8]).to(device)
-    dense = copy.deepcopy(model) if args.compact_latency else None     # timed beside the sliced
-    D = model.config.hidden_size
-    from tqdm import tqdm
-    with run_opt.stage(record, "prune", device):
+    return run_opt.pipeline(args, device, Slicer(args))
+
+
+class Slicer(run_opt.Pruner):
+    """SliceGPT in run_opt's pipeline: the width from --slicing, --remove or --match-rowcol;
+    the record gains width, hidden_size, blocks_weights_dense/kept, params_compact and, with
+    --compact-latency, latency_ms_dense and latency_ms_compact."""
+
+    def __init__(self, args):
+        self.args = args
+
+    def prune(self, model, layers, calib, test, device, record):
+        from tqdm import tqdm
+        args = self.args
+        dense_blocks, params_dense = block_weights(model), record["params_dense"]
+        batch = torch.cat(test[:8]).to(device)
+        dense = copy.deepcopy(model) if args.compact_latency else None  # timed beside the sliced
+        D = model.config.hidden_size
         arch = make_invariant(model)
         if args.slicing is not None:
             width = width_for(model, args.slicing)
@@ -439,35 +434,30 @@ def run(argv=None):
         else:
             width = width_for_params(arch, params_dense - round(args.match_rowcol * dense_blocks))
         print(f"slicing the hidden width {D} -> {width}")
+        tic = time.perf_counter()
         slice_model(model, calib, width, arch=arch,
                     progress=lambda it: tqdm(it, desc="blocks", leave=False, file=sys.stderr))
-    if dense is not None:                           # one right after the other: the same load
-        record["latency_ms_dense"] = run_opt.latency_ms(dense, batch)
-        record["latency_ms_compact"] = run_opt.latency_ms(model, batch)
-        del dense
-        print(f"forward latency, batch {tuple(batch.shape)}: dense {record['latency_ms_dense']:.0f}"
-              f" ms -> sliced {record['latency_ms_compact']:.0f} ms")
-    with run_opt.stage(record, "eval_pruned", device):
-        record["ppl_pruned"] = run_opt.perplexity(model, test, device, "eval sliced")
-    kept = block_weights(model, width)
-    record.update(width=width, hidden_size=D, blocks_weights_dense=dense_blocks,
-                  blocks_weights_kept=kept, sparsity=1 - kept / dense_blocks,
-                  params_dense=params_dense,
-                  params_compact=sum(p.numel() for p in model.parameters()),
-                  shots=[{"shot": 1, "target": args.remove,
-                          "sparsity": 1 - kept / dense_blocks,
-                          "seconds": {"prune": record["seconds"]["prune"]}}], layers={})
-    print(f"blocks' linear weights: {dense_blocks / 1e6:.1f}M -> {kept / 1e6:.1f}M "
-          f"({1 - kept / dense_blocks:.1%} removed, shortcut matrices counted); parameters "
-          f"{params_dense / 1e6:.1f}M -> {record['params_compact'] / 1e6:.1f}M")
-    print(f"perplexity: dense {record['ppl_dense'] or float('nan'):.2f} -> sliced "
-          f"{record['ppl_pruned']:.2f}")
-    if args.save:
-        save(model, tokenizer, args.save)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(record, f, indent=1)
-    return record
+        seconds = time.perf_counter() - tic
+        if dense is not None:                       # one right after the other: the same load
+            record["latency_ms_dense"] = run_opt.latency_ms(dense, batch)
+            record["latency_ms_compact"] = run_opt.latency_ms(model, batch)
+            del dense
+            print(f"forward latency, batch {tuple(batch.shape)}: dense "
+                  f"{record['latency_ms_dense']:.0f} ms -> sliced "
+                  f"{record['latency_ms_compact']:.0f} ms")
+        kept = block_weights(model, width)
+        record.update(width=width, hidden_size=D, blocks_weights_dense=dense_blocks,
+                      blocks_weights_kept=kept,
+                      params_compact=sum(p.numel() for p in model.parameters()))
+        print(f"blocks' linear weights: {dense_blocks / 1e6:.1f}M -> {kept / 1e6:.1f}M "
+              f"({1 - kept / dense_blocks:.1%} removed, shortcut matrices counted); parameters "
+              f"{params_dense / 1e6:.1f}M -> {record['params_compact'] / 1e6:.1f}M")
+        return {"sparsity": 1 - kept / dense_blocks, "layers": {},
+                "shots": [{"shot": 1, "target": args.remove, "sparsity": 1 - kept / dense_blocks,
+                           "seconds": {"prune": seconds}}]}
+
+    def save(self, model, tokenizer, folder, after, record):
+        save(model, tokenizer, folder)
 
 
 if __name__ == "__main__":
