@@ -937,13 +937,13 @@ def check(settings: Settings, layers=None, batches=None, units=None):
         raise ValueError(f"method must be one of {METHODS}, got {cfg.method!r}")
     if not 0 <= cfg.sparsity < 1:
         raise ValueError(f"sparsity must be in [0, 1), got {cfg.sparsity}")
-    for field, low, strict in (("shots", 1, False), ("max_correlate", 1, False),
-                               ("damp_a", 0, False), ("damp_g", 0, False),
-                               ("lora_steps", 0, False), ("lora_rank", 1, False),
-                               ("lora_lr", 0, True)):
-        value = getattr(cfg, field)
+    for name, low, strict in (("shots", 1, False), ("max_correlate", 1, False),
+                              ("damp_a", 0, False), ("damp_g", 0, False),
+                              ("lora_steps", 0, False), ("lora_rank", 1, False),
+                              ("lora_lr", 0, True)):
+        value = getattr(cfg, name)
         if not (math.isfinite(value) and (value > low if strict else value >= low)):
-            raise ValueError(f"{field} must be a finite number {'>' if strict else '>='} {low}, "
+            raise ValueError(f"{name} must be a finite number {'>' if strict else '>='} {low}, "
                              f"got {value}")
     if isinstance(structure, NM) and cfg.sparsity > structure.N / structure.M:
         raise ValueError(f"{structure.name} removes at most {structure.N}/{structure.M} of the "

@@ -12,7 +12,8 @@ import torch.multiprocessing as mp
 import compact
 import surgeon
 from surgeon import LINES, Settings
-from test_surgeon import calib, tiny_llama, tiny_opt, with_exact_zeros
+from conftest import calib, make_files, tiny_llama, tiny_opt, with_exact_zeros
+
 
 STRUCTURES = [("unstructured", 0.5), ("2:4", 0.5), ("4:8", 0.4), ("rowcol", 0.3), ("units", 0.3)]
 CONFIGS = [(make, structure, sparsity, method, 0.0)
@@ -124,7 +125,6 @@ def test_an_error_on_one_rank_ends_every_rank(tmp_path):
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    from test_run_opt import make_files
     return make_files(tmp_path_factory.mktemp("torchrun"))
 
 

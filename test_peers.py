@@ -1,16 +1,15 @@
-"""Tests for benchmarks/peers.py (SparseGPT and Wanda) against brute-force oracles on tiny layers,
+"""Tests for benchmarks/peers/sparsegpt_wanda.py (SparseGPT and Wanda) against brute-force oracles on tiny layers,
 and block by block on tiny random OPT and Llama models. Nothing is downloaded."""
 import itertools
-import os
-import sys
 
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "benchmarks"))
-import peers  # noqa: E402
-import surgeon  # noqa: E402
+import surgeon
+from benchmarks import grid
+from benchmarks.peers import sparsegpt_wanda as peers
+from conftest import make_files
 
 
 def layer(rows=4, cols=8, seed=0):
@@ -161,7 +160,6 @@ def test_structure_parsing():
 
 
 def test_command_line_writes_a_grid_record(tmp_path):
-    from test_run_opt import make_files
     files = make_files(tmp_path)
     out = tmp_path / "sparsegpt-24.json"
     record = peers.main(["--method", "sparsegpt", "--structure", "2:4", "--model",
@@ -170,14 +168,12 @@ def test_command_line_writes_a_grid_record(tmp_path):
                          "16", "--eval-windows", "2", "--device", "cpu", "--json", str(out)])
     assert out.exists() and record["sparsity"] == 0.5 and record["shots"][0]["target"] == 0.5
     assert record["ppl_pruned"] > 0 and record["provenance"]["threads"] >= 1
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "benchmarks"))
-    import grid
     assert grid.cell(grid.load_records(str(tmp_path)), "sparsegpt", "2:4")[1] == 0.5
 
 
 def test_quality_time_points_come_from_the_grid_records():
     pytest.importorskip("matplotlib")                  # benchmarks/requirements.txt
-    import figure
+    from benchmarks import figure
     shots = lambda *s: [{"seconds": {"curvature": x, "checkpoint": 9.0}} for x in s]
     rec = lambda ppl, k, *s: {"ppl_pruned": ppl, "settings": {"shots": k}, "shots": shots(*s)}
     records = {"surgeon-unstructured-50": rec(50.0, 5, 10, 10, 10, 10, 10),

@@ -8,68 +8,15 @@ import sys
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import (LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM,
-                          PreTrainedTokenizerFast)
 
 import run_opt
 import surgeon
-
-WORDS = ("the of and to a in is that it was for on are as with his they at be this from have "
-         "or by one had not but what all were when we there can an your which their said if do "
-         "will each about how up out them then she many some so these would other into has more "
-         "her two like him see time could no make than first been its who now people my made "
-         "over did down only way find use may water long little very after words called just "
-         "where most know get through back much before go good new write our used me man too "
-         "any day same right look think also around another came come work three word must "
-         "because does part even place well such here take why things help put years different "
-         "away again off went old number great tell men say small every found still between "
-         "name should home big give air line set own under read last never us left end along "
-         "while might next sound below saw something thought both few those always looked show "
-         "large often together asked house world going want school important until form food "
-         "keep children feet land side without boy once animals life enough took sometimes four "
-         "head above kind began almost live page got earth need far hand high year mother light "
-         "parts country father let night following picture being study second eyes soon times "
-         "story boys since white days ever paper hard near sentence better best across during "
-         "today others however sure means knew try told young miles sun ways thing whole hear "
-         "example heard several change answer room sea against top turned learn point city play "
-         "toward five using himself usually").split()
+from conftest import args_for, make_files
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     return make_files(tmp_path_factory.mktemp("run_opt"))
-
-
-def make_files(root):
-    """A word-level tokenizer, tiny OPT and Llama folders, and train/test text."""
-    vocab = {w: i for i, w in enumerate(["<unk>", "</s>"] + WORDS)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>")
-    torch.manual_seed(0)
-    opt = OPTForCausalLM(OPTConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=2,
-                                   ffn_dim=32, num_attention_heads=2, max_position_embeddings=64,
-                                   word_embed_proj_dim=16))
-    llama = LlamaForCausalLM(LlamaConfig(vocab_size=len(vocab), hidden_size=16,
-                                         intermediate_size=32, num_hidden_layers=2,
-                                         num_attention_heads=2, num_key_value_heads=1,
-                                         max_position_embeddings=64))
-    for name, model in (("opt", opt), ("llama", llama)):
-        model.save_pretrained(root / name)
-        tokenizer.save_pretrained(root / name)
-    gen = torch.Generator().manual_seed(0)
-    for split, n in (("train", 3000), ("test", 800)):
-        picks = torch.randint(0, len(WORDS), (n,), generator=gen).tolist()
-        (root / f"{split}.txt").write_text(" ".join(WORDS[i] for i in picks))
-    (root / "short.txt").write_text("the of and")
-    return root
-
-
-def args_for(files, model="opt", *extra):
-    return ["--model", str(files / model), "--train-file", str(files / "train.txt"),
-            "--test-file", str(files / "test.txt"), "--nsamples", "4", "--seqlen", "32",
-            "--eval-windows", "4", "--shots", "2", "--device", "cpu", *extra]
 
 
 @pytest.mark.parametrize("model,structure,sparsity", [
@@ -438,8 +385,7 @@ def test_the_readme_python_example_runs(files, tmp_path, monkeypatch, capsys):
 def test_brown_corpus_split_and_format(tmp_path):
     """benchmarks/assets.py on a stand-in corpus of 500 tagged samples: tags removed, `` and ''
     become ", no space before punctuation, samples 0, 10, ... in test.txt."""
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "benchmarks"))
-    import assets
+    from benchmarks import assets
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     names = [f"c{chr(ord('a') + i // 40)}{i % 40 + 1:02d}" for i in range(500)]

@@ -1,16 +1,12 @@
-"""Tests for benchmarks/slicegpt.py (SliceGPT, the structured peer) on tiny random OPT and Llama
+"""Tests for benchmarks/peers/slicegpt.py (SliceGPT, the structured peer) on tiny random OPT and Llama
 models with random norm scales and shifts: the rotated model computes the dense function, the
 slice keeps the leading principal directions, the sliced model saves and loads. Nothing is
 downloaded."""
-import os
-import sys
-
 import pytest
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "benchmarks"))
-import slicegpt  # noqa: E402
-from test_surgeon import calib, tiny_llama, tiny_opt  # noqa: E402
+from benchmarks.peers import slicegpt
+from conftest import args_for, calib, make_files, tiny_llama, tiny_opt
 
 
 def with_random_norms(model, seed=0):
@@ -62,7 +58,7 @@ def test_slicing_keeps_the_leading_principal_directions(kind):
     moment is diagonal and holds the largest eigenvalues of the unsliced one, largest first."""
     model = with_random_norms(MODELS[kind]())
     arch = slicegpt.make_invariant(model)
-    from peers import block_inputs
+    from benchmarks.peers.sparsegpt_wanda import block_inputs
     before = [args[0].double() for args, _ in block_inputs(model, arch.blocks, calib())]
     values = torch.linalg.eigvalsh(sum(x.reshape(-1, 16).T @ x.reshape(-1, 16) for x in before))
     seen = slicegpt.rotate_and_slice(model, arch, calib(), 8)
@@ -76,7 +72,6 @@ def test_slicing_keeps_the_leading_principal_directions(kind):
 
 @pytest.mark.parametrize("kind", ["opt", "llama"])
 def test_sliced_model_saves_and_loads(kind, tmp_path):
-    from test_run_opt import make_files
     from transformers import AutoTokenizer
     files = make_files(tmp_path)
     tokenizer = AutoTokenizer.from_pretrained(files / "opt")
@@ -133,7 +128,6 @@ def test_width_for_a_removal_counts_the_shortcut_matrices():
 
 @pytest.mark.parametrize("flag", ["--remove", "--match-rowcol"])
 def test_command_line_writes_a_record(flag, tmp_path):
-    from test_run_opt import make_files
     files = make_files(tmp_path)
     record = slicegpt.main([flag, "0.2", "--model", str(files / "llama"), "--train-file",
                             str(files / "train.txt"), "--test-file", str(files / "test.txt"),
@@ -155,9 +149,8 @@ def test_latency_compares_saved_models(tmp_path):
     """benchmarks/latency.py loads a Hugging Face folder, a compacted LLM Surgeon folder and a
     sliced one, and scores each as the run that saved it did."""
     import json
-    import latency
+    from benchmarks import latency
     import run_opt
-    from test_run_opt import args_for, make_files
     files = make_files(tmp_path)
     sliced = slicegpt.main(["--remove", "0.2", "--model", str(files / "llama"), "--train-file",
                             str(files / "train.txt"), "--test-file", str(files / "test.txt"),

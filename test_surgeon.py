@@ -1,4 +1,6 @@
 """Tests for surgeon.py: every formula against a brute-force dense Optimal Brain Surgeon solve with
+
+
 F = G (x) A on tiny layers, KFAC against explicit per-token autograd, the global threshold's
 counting, and end to end on tiny random OPT and Llama models. Nothing is downloaded."""
 import itertools
@@ -6,12 +8,13 @@ import itertools
 import pytest
 import torch
 import torch.nn as nn
-from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
 
 import surgeon
 import compact
 from surgeon import (Settings, column_costs, element_costs, remove_elements, remove_rows_columns,
                      row_costs)
+from conftest import (calib, linear_of, mask_of, obs, tiny_layer, tiny_llama, tiny_opt,
+                      with_exact_zeros)
 
 torch.set_default_dtype(torch.float32)
 
@@ -21,46 +24,15 @@ torch.set_default_dtype(torch.float32)
 # free coordinates with the dense F. Shares no formula with surgeon.py.
 
 
-def spd(k, gen):
-    X = torch.randn(k, 2 * k, generator=gen, dtype=torch.float64)
-    return X @ X.T / (2 * k) + 0.1 * torch.eye(k, dtype=torch.float64)
-
-
-def tiny_layer(m=5, n=6, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    W = torch.randn(m, n, generator=gen, dtype=torch.float64)
-    A, G = spd(n, gen), spd(m, gen)
-    return W, A, G, torch.linalg.inv(A), torch.linalg.inv(G)
-
-
 def precision(X_inv):
     """OBS precision of single coordinates, 1 / diag(X^-1): what the costs take as a and g."""
     return 1 / X_inv.diagonal()
-
-
-def obs(W, A, G, Q):
-    """W after removing the bool mask Q optimally, and the loss increase."""
-    F = torch.kron(G, A)
-    theta, q = W.flatten(), Q.flatten()
-    d = torch.zeros_like(theta)
-    d[q] = -theta[q]
-    d[~q] = torch.linalg.solve(F[~q][:, ~q], F[~q][:, q] @ theta[q])
-    return (theta + d).reshape(W.shape), 0.5 * d @ F @ d
 
 
 def quad(W_new, W, A, G):
     """1/2 dtheta^T F dtheta of an applied update."""
     d = (W_new - W).flatten()
     return 0.5 * d @ torch.kron(G, A) @ d
-
-
-def mask_of(shape, rows=(), cols=(), cells=()):
-    Q = torch.zeros(shape, dtype=torch.bool)
-    Q[list(rows)] = True
-    Q[:, list(cols)] = True
-    for i, j in cells:
-        Q[i, j] = True
-    return Q
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,13 +142,6 @@ def test_row_chunks_with_identity_G_are_exact_per_row_obs():
     G = torch.eye(W.shape[0], dtype=torch.float64)
     Q = torch.rand(W.shape, generator=torch.Generator().manual_seed(4)) < 0.5
     assert torch.allclose(remove_elements(W, A_inv, G, Q, 1), obs(W, A, G, Q)[0], atol=1e-10)
-
-
-def linear_of(W, n_in):
-    """A float64 nn.Linear holding W~ (its columns past n_in are the bias)."""
-    layer = nn.Linear(n_in, W.shape[0], bias=W.shape[1] > n_in, dtype=torch.float64)
-    surgeon.set_matrix(layer, W)
-    return layer
 
 
 @pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (3, 4), (4, 8), (1, 8)])
@@ -432,21 +397,6 @@ def test_select_elements_and_groups_count_existing_zeros(structure, target):
 # KFAC curvature
 
 
-def tiny_opt(seed=0):
-    torch.manual_seed(seed)
-    return OPTForCausalLM(OPTConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2,
-                                    ffn_dim=32, num_attention_heads=2, max_position_embeddings=64,
-                                    word_embed_proj_dim=16)).eval()
-
-
-def tiny_llama(seed=0, vocab=50, hidden=16, layers=2, heads=2, kv_heads=1):
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=hidden,
-                                        intermediate_size=2 * hidden, num_hidden_layers=layers,
-                                        num_attention_heads=heads, num_key_value_heads=kv_heads,
-                                        max_position_embeddings=64)).eval()
-
-
 def explicit_factors(model, batches):
     """A and G from autograd, token by token: retain each layer's output gradient."""
     layers = surgeon.prunable_layers(model)
@@ -581,11 +531,6 @@ def test_kfac_removes_hooks_when_the_forward_fails():
 # End to end: the multi-shot loop on tiny random models
 
 
-def calib(vocab=50, n=3, seed=0, device="cpu"):
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, vocab, (2, 12), generator=gen).to(device) for _ in range(n)]
-
-
 @pytest.mark.parametrize("make", [tiny_opt, tiny_llama])
 @pytest.mark.parametrize("structure,sparsity", [("unstructured", 0.5), ("2:4", 0.5),
                                                 ("2:4", 0.3), ("rowcol", 0.3), ("4:8", 0.5),
@@ -656,16 +601,6 @@ def test_already_removed_weights_stay_removed():
     surgeon.prune(model, calib(), Settings(sparsity=0.4, structure="unstructured", shots=1))
     for n, l in layers.items():
         assert (l.weight[before[n]] == 0).all()
-
-
-def with_exact_zeros(model, fraction=0.05, seed=0):
-    """Set a few percent of every prunable weight matrix exactly to zero, scattered (as in a
-    checkpoint dequantized from 4 bits)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in surgeon.prunable_layers(model).values():
-            layer.weight[torch.rand(layer.weight.shape, generator=gen) < fraction] = 0
-    return model
 
 
 @pytest.mark.parametrize("make,method", [(tiny_opt, "surgeon"), (tiny_llama, "surgeon"),

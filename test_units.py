@@ -8,7 +8,7 @@ import torch
 import compact
 import surgeon
 from surgeon import Settings, UnitGroup
-from test_surgeon import calib, linear_of, mask_of, obs, tiny_layer, tiny_llama, tiny_opt
+from conftest import calib, linear_of, make_files, mask_of, obs, tiny_layer, tiny_llama, tiny_opt
 
 
 def one_layer_units(axis, width, m, n):
@@ -153,7 +153,6 @@ def test_uneven_grouped_query_heads_compact_and_load_with_from_pretrained(tmp_pa
     uneven groups, read through the k/v expansion; block 1 loses a whole group. The saved
     folder loads with plain from_pretrained(trust_remote_code=True) to the same logits."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from test_run_opt import make_files
     files = make_files(tmp_path / "files")
     model = tiny_llama(vocab=300, hidden=32, heads=4, kv_heads=2)
     d = 8

@@ -103,7 +103,7 @@ def main(argv=None):
     p.add_argument("--keep", help="keep the outputs in this folder")
     args = p.parse_args(argv)
     sys.path.insert(0, ROOT)
-    from test_run_opt import make_files
+    from conftest import make_files
     from pathlib import Path
     work = args.keep or tempfile.mkdtemp(prefix="bitwise-")
     files, before = os.path.join(work, "files"), os.path.join(work, "before")

@@ -7,7 +7,7 @@
 - FOLDER-quality-time.png: perplexity against seconds of pruning at 50% unstructured and at 2:4,
   every method; LLM Surgeon once per number of shots that has a record (NAME-shots-K runs).
 
-    python benchmarks/figure.py                       # benchmarks/smollm2-brown
+    python benchmarks/figure.py                       # benchmarks/records/smollm2-brown
     python benchmarks/figure.py --results benchmarks/opt125m-wikitext
 """
 import argparse
@@ -119,7 +119,7 @@ def quality_time_figure(records, out):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--results", default=os.path.join(HERE, "smollm2-brown"))
+    p.add_argument("--results", default=os.path.join(HERE, "records", "smollm2-brown"))
     args = p.parse_args()
     records = load_records(args.results)
     base = args.results.rstrip("/")

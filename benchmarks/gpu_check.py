@@ -1,7 +1,7 @@
 """The GPU check: one command for a bare CUDA machine (torch and transformers, no hub, no
 network), within about 8 minutes on one H100/H200-class GPU.
 
-    python benchmarks/gpu_check.py --json benchmarks/gpu-check.json      # on the GPU machine
+    python benchmarks/gpu_check.py --json benchmarks/records/gpu-check.json      # on the GPU machine
     python benchmarks/gpu_check.py --cpu                                 # tiny shapes, a minute
 
 1. the test suite with `--device cuda`: every test that takes a device runs on the GPU, among

@@ -1,6 +1,6 @@
 """The benchmark grid: dense; magnitude, L-OBD, K-OBD and LLM Surgeon at 50% unstructured, 2:4,
 and 20% and 30% rows and columns, each run through run_opt.py; SparseGPT and Wanda at 50%
-unstructured and 2:4 through benchmarks/peers.py. One JSON record per run goes to a results
+unstructured and 2:4 through benchmarks/peers/sparsegpt_wanda.py. One JSON record per run goes to a results
 folder (a run whose record exists is skipped, a killed run resumes from its checkpoint), then
 FOLDER.md is written from all records there.
 
@@ -92,11 +92,11 @@ GRID = {
        for name, structure in (("unstructured-50", "unstructured"), ("2:4", "2:4"))
        for k in (1, 2, 3)},
 }
-# name: benchmarks/peers.py arguments (SparseGPT and Wanda, written from their papers).
+# name: benchmarks/peers/sparsegpt_wanda.py arguments (SparseGPT and Wanda, written from their papers).
 PEERS = {f"{method}-{name}": ["--method", method, "--structure", structure, "--sparsity", "0.5"]
          for method in ("sparsegpt", "wanda")
          for name, structure in (("unstructured-50", "unstructured"), ("2:4", "2:4"))}
-# name: benchmarks/slicegpt.py arguments. SliceGPT removing 10/20/30% of the blocks' linear
+# name: benchmarks/peers/slicegpt.py arguments. SliceGPT removing 10/20/30% of the blocks' linear
 # weights (its shortcut matrices counted as kept), and with as many parameters in the whole
 # model as rows and columns pruned to 10/20/30% leave (-params); the 30% models are saved.
 SLICEGPT = {f"slicegpt-rowcol-{p}{suffix}": [flag, f"0.{p // 10}", "--compact-latency"] +
@@ -153,8 +153,9 @@ def run(args):
     for name in GRID:                                   # the table is rewritten after each run
         run_entries({name: GRID[name]}, args.results, common_args(args), args.only)
         write_table(args.results)
-    run_entries(PEERS, args.results, common_args(args), args.only, "benchmarks/peers.py")
-    run_entries(SLICEGPT, args.results, common_args(args), args.only, "benchmarks/slicegpt.py")
+    run_entries(PEERS, args.results, common_args(args), args.only,
+                "benchmarks/peers/sparsegpt_wanda.py")
+    run_entries(SLICEGPT, args.results, common_args(args), args.only, "benchmarks/peers/slicegpt.py")
     write_table(args.results)
 
 
@@ -284,7 +285,7 @@ def main():
     p.add_argument("--nsamples", type=int, default=32)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--eval-windows", type=int, default=64)
-    p.add_argument("--results", default=os.path.join(HERE, "smollm2-brown"),
+    p.add_argument("--results", default=os.path.join(HERE, "records", "smollm2-brown"),
                    help="folder of JSON records; the table goes to FOLDER.md")
     p.add_argument("--only", nargs="*", help="run only these grid entries")
     p.add_argument("--table-only", action="store_true")

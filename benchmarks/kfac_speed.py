@@ -3,7 +3,7 @@ of a plain forward + backward (loss.backward(), weight gradients included) over 
 in the same process. Prints both and the ratio.
 
     python benchmarks/kfac_speed.py --model DIR --train-file TEXT --nsamples 8 --seqlen 512 \\
-        --json benchmarks/kfac-speed.json
+        --json benchmarks/records/kfac-speed.json
 """
 import argparse
 import json

@@ -2,12 +2,12 @@
 batch, timed in turns (model 1, model 2, ..., again) so that every model sees the same load.
 
     OMP_NUM_THREADS=2 python benchmarks/latency.py --test-file benchmarks/assets/brown/test.txt \\
-        --eval-windows 64 --json benchmarks/latency/rowcol-30.json \\
+        --eval-windows 64 --json benchmarks/records/latency/rowcol-30.json \\
         dense=benchmarks/assets/smollm2-135m-instruct \\
         surgeon=out/surgeon-rowcol-30-lora-10 slicegpt=out/slicegpt-rowcol-30
 
 Each NAME=FOLDER is a Hugging Face folder, a folder that `run_opt.py --save` wrote (compacted or
-not) or one that `slicegpt.py --save` wrote (it has slicegpt.json). The batch is the first 8
+not) or one that `peers/slicegpt.py --save` wrote (it has slicegpt.json). The batch is the first 8
 test windows, as in `run_opt.py --compact`; the latency of a model is the median of `--rounds`
 timed passes after one warm-up pass each.
 """
@@ -21,11 +21,10 @@ import time
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
-sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.dirname(HERE))          # run as a script: the repository's modules
 
 import run_opt    # noqa: E402
-import slicegpt   # noqa: E402
+from benchmarks.peers import slicegpt   # noqa: E402
 
 
 def load(folder):

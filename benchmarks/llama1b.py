@@ -6,8 +6,8 @@ memory model.
     OMP_NUM_THREADS=2 python run_opt.py --model benchmarks/assets/llama-3.2-1b-shapes \\
         --dtype bfloat16 --structure rowcol --sparsity 0.1 --shots 1 --nsamples 4 --seqlen 512 \\
         --train-file benchmarks/assets/brown/train.txt --test-file benchmarks/assets/brown/test.txt \\
-        --eval-windows 4 --skip-dense-eval --json benchmarks/llama1b/rowcol-bfloat16.json
-    python benchmarks/scaling.py --against benchmarks/llama1b/rowcol-bfloat16.json  # the model
+        --eval-windows 4 --skip-dense-eval --json benchmarks/records/llama1b/rowcol-bfloat16.json
+    python benchmarks/scaling.py --against benchmarks/records/llama1b/rowcol-bfloat16.json  # the model
 
 The shapes: 16 blocks, width 2048, MLP 8192, 32 query and 8 key-value heads of 64, vocabulary
 128256, tied embeddings (1.24B parameters). The folder takes SmolLM2's tokenizer from

@@ -3,11 +3,11 @@
 # with one thread each, on SmolLM2 as benchmarks/setup.sh builds it, with the grid's protocol
 # (32 calibration windows of 512 tokens, seed 0, the first 64 evaluation windows): one shot of
 # 50% unstructured and one of 10% rows and columns (3 low-rank steps, the default). A record per
-# run in benchmarks/ranks/; one whose record exists is skipped. Run it alone on the machine.
+# run in benchmarks/records/ranks/; one whose record exists is skipped. Run it alone on the machine.
 #   benchmarks/setup.sh && benchmarks/ranks.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
-out=benchmarks/ranks
+out=benchmarks/records/ranks
 mkdir -p "$out"
 a=benchmarks/assets
 common=(--model "$a/smollm2-135m-instruct" --train-file "$a/brown/train.txt"

@@ -3,7 +3,7 @@
 peak memory is its own. Prints per stage the seconds and the peak resident memory, next to what
 the memory model of the README predicts, and writes a JSON record.
 
-    python benchmarks/scaling.py --widths 256 512 1024 2048 --json benchmarks/scaling.json
+    python benchmarks/scaling.py --widths 256 512 1024 2048 --json benchmarks/records/scaling.json
 
 Defaults: 10% unstructured in one shot with max_correlate 1 (the element update's Cholesky work
 grows with the cube of the removed count per row; 10% keeps the widest model near a few

@@ -1,6 +1,6 @@
 """Studies behind the defaults, on a reduced protocol (fewer calibration and evaluation windows
 than the grid, to fit a 2-core CPU; each study says which). Each run is a run_opt.py call with a
-JSON record and a log in benchmarks/studies/STUDY/; a run whose record exists is skipped, and a
+JSON record and a log in benchmarks/records/studies/STUDY/; a run whose record exists is skipped, and a
 killed run resumes from its checkpoint, as in grid.py.
 
     python benchmarks/studies.py max-correlate   # on what benchmarks/setup.sh builds
@@ -128,7 +128,7 @@ def main():
     p.add_argument("--table-only", action="store_true")
     args = p.parse_args()
     study = STUDIES[args.study]
-    folder = os.path.join(HERE, "studies", args.study)
+    folder = os.path.join(HERE, "records", "studies", args.study)
     if not args.table_only:
         for key, value in study["protocol"].items():
             setattr(args, key, value)

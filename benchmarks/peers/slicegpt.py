@@ -21,7 +21,6 @@ ICLR 2024 (arXiv 2401.15024).
 With --slicing 0 the rotated model computes the dense model's function (the tests hold its
 logits to the dense ones). OPT (pre-norm, no projections) and Llama-family models.
 """
-import argparse
 import copy
 import json
 import os
@@ -31,12 +30,11 @@ import time
 import torch
 import torch.nn as nn
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
-sys.path.insert(0, HERE)
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, ROOT)                 # run as a script: the repository's modules
 import run_opt  # noqa: E402
 import surgeon  # noqa: E402
-from peers import add_data_flags, block_inputs  # noqa: E402
+from benchmarks.peers.sparsegpt_wanda import add_data_flags, block_inputs  # noqa: E402
 
 SPEC = "slicegpt.json"                   # beside a saved model: what `load` rebuilds
 

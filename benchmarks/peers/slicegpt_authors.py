@@ -4,7 +4,7 @@ the same calibration windows and the same test windows: both perplexities in one
     git clone https://github.com/microsoft/TransformerCompression /tmp/tc
     python -m venv --system-site-packages /tmp/tc-venv
     /tmp/tc-venv/bin/pip install transformers==4.41.0 datasets==2.18.0 ml-collections
-    python benchmarks/slicegpt_authors.py --authors /tmp/tc --python /tmp/tc-venv/bin/python \\
+    python benchmarks/peers/slicegpt_authors.py --authors /tmp/tc --python /tmp/tc-venv/bin/python \\
         --slicing 0.05 --model DIR --train-file TRAIN --test-file TEST --nsamples 8 --seqlen 512 \\
         --eval-windows 16 --json OUT.json
 
@@ -24,9 +24,7 @@ import tempfile
 
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
-sys.path.insert(0, HERE)
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def nll_perplexity(model, windows):
@@ -75,9 +73,10 @@ def authors(src, model_dir, windows_file, width, out):
 
 
 def main():
+    sys.path.insert(0, ROOT)             # this project's modules (not in the authors' process)
     import run_opt
-    import slicegpt
-    from peers import add_data_flags
+    from benchmarks.peers import slicegpt
+    from benchmarks.peers.sparsegpt_wanda import add_data_flags
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--authors", required=True, help="a checkout of microsoft/TransformerCompression")
     p.add_argument("--python", required=True, help="a Python with their pinned transformers")

@@ -1,8 +1,8 @@
 """Peers measured here, written from their papers: SparseGPT and Wanda.
 
-    python benchmarks/peers.py --method sparsegpt --structure unstructured --sparsity 0.5 \\
+    python benchmarks/peers/sparsegpt_wanda.py --method sparsegpt --structure unstructured --sparsity 0.5 \\
         --model DIR --train-file TRAIN --test-file TEST --json OUT.json
-    python benchmarks/peers.py --method wanda --structure 2:4 ...
+    python benchmarks/peers/sparsegpt_wanda.py --method wanda --structure 2:4 ...
 
 SparseGPT (Frantar and Alistarh, "SparseGPT: Massive Language Models Can Be Accurately Pruned
 in One-Shot", ICML 2023, Algorithm 1) and Wanda (Sun, Liu, Bair and Kolter, "A Simple and
@@ -19,13 +19,12 @@ they collect) and "updates" (the masks and weight updates).
 import argparse
 import os
 import sys
-import time
 
 import torch
 import torch.nn as nn
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, ROOT)                 # run as a script: the repository's modules
 import run_opt  # noqa: E402
 import surgeon  # noqa: E402
 
