@@ -704,7 +704,7 @@ class Units:
         sizes = [self.sizes(name) for name in layers]
         cost = ranks.concat([c.cost.cpu() for c in cands], [s[0] for s in sizes])
         count = ranks.concat([c.nonzero.cpu() for c in cands], [s[1] for s in sizes])
-        cut_cost, own, shared = self._per_group(layers, sizes, cost, count)
+        cut_cost, own, shared = self._per_group(layers, cost, count)
         unit_cost = torch.cat([c.min(1).values for c in cut_cost])
         gain = torch.cat(own)
         unit_cost[gain == 0] = REMOVED                       # nothing left: always taken
@@ -725,14 +725,14 @@ class Units:
         choice = torch.cat([c.argmin(1) for c in cut_cost])
         return [self._layer_lines(name, taken, choice) for name in ranks.own(ranks.layers)]
 
-    def _per_group(self, layers, sizes, cost, count):
+    def _per_group(self, layers, cost, count):
         """Split the gathered vectors: per group, (units, cuts) costs, own nonzeros (units,) and
         the nonzeros of each shared line's blocks."""
         cut_cost = [torch.empty(gr.count, len(gr.cuts)) for gr in self.groups]
         own = [torch.zeros(gr.count, dtype=torch.long) for gr in self.groups]
         shared = [[None] * len(gr.shared) for gr in self.groups]
         at_cost, at_count = 0, 0
-        for name, (n_cost, n_count) in zip(layers, sizes):
+        for name in layers:
             for g, i, j, cut in self.slots.get(name, ()):
                 group = self.groups[g]
                 if cut:
@@ -748,10 +748,8 @@ class Units:
 
     def _layer_lines(self, name, taken, choice):
         """This layer's lines to remove: {(axis, "cut" or "dead"): indices}."""
-        lines, start = {}, 0
-        starts = {}
-        for g, group in enumerate(self.groups):
-            starts[g], start = start, start + group.count
+        lines = {}
+        starts = list(itertools.accumulate((group.count for group in self.groups), initial=0))
         for g, i, j, _ in self.slots.get(name, ()):
             group = self.groups[g]
             _, axis, width = self.line(g, i, j)

@@ -81,10 +81,10 @@ GRID = {
                        "--shots", "1"],
     # heads and MLP units (--structure units), the paper's schedule to 30%, the models saved
     "surgeon-units-30": ["--method", "surgeon", "--structure", "units", "--sparsity", "0.3",
-                         "--shots", "24", "--eval-every", "4", "--lora-steps", "3",
+                         "--shots", "24", "--eval-every", "4", "--lora-steps", "3", "--compact",
                          "--save", "out/surgeon-units-30"],
     "kobd-units-30-shots-3": ["--method", "kobd", "--structure", "units", "--sparsity", "0.3",
-                              "--shots", "3", "--eval-every", "1", "--save",
+                              "--shots", "3", "--eval-every", "1", "--compact", "--save",
                               "out/kobd-units-30-shots-3"],
     # quality against time: LLM Surgeon in fewer shots than the paper's 5 (benchmarks/figure.py)
     **{f"surgeon-{name}-shots-{k}": ["--method", "surgeon", "--structure", structure,
