@@ -5,13 +5,14 @@ A reference implementation of van der Ouderaa, Nagel, van Baalen, Asano and Blan
 the method, in the order a shot runs it:
 
   1. settings                          5. OBS updates (Sec. 3.3, Eq. 6-8)
-  2. the layers that are pruned        6. structures: candidates, the global threshold (Sec. 3.4)
-  3. KFAC curvature (Sec. 3.1, Eq. 3)     and what the update removes, each in one class
+  2. the layers that are pruned        6. structures (weights, N:M groups, rows and columns; heads
+  3. KFAC curvature (Sec. 3.1, Eq. 3)     and MLP units, beyond the paper): candidates, the global
+                                          threshold (Sec. 3.4), what the update removes
   4. damping, the quadratic model      7. interleaved low-rank updates (Sec. 3.5)
      and its costs (Sec. 3.2-3.3)      8. the multi-shot loop (Sec. 3.6)
 
-then the machinery the method does not need to be understood: 9. checks, precision and failure
-messages, 10. fast paths (each the same computation as a plain version, which the tests hold it
+then the machinery, which the method does not need to be understood: 9. checks, precision and
+failure messages, 10. fast paths (each the same computation as a plain version, which the tests hold it
 to), 11. several processes (torch.distributed). "Sec." is the paper's, "section" this file's.
 
 One shot t of `shots` (`shot`, called by `prune` for t = 1 .. shots):
@@ -37,6 +38,10 @@ candidate's loss increase; quad one layer's quadratic model (the paper's q is an
 Precision. The model keeps its dtype (float32, bfloat16 or float16): x and g are cast to float32
 before the outer products, costs and updates are float64, W~ is written back rounded to the
 model's dtype (a removed weight as an exact 0), and the low-rank adapters train in float32.
+
+Memory. A shot holds the model, the factors (float32, one A per input tensor that several layers
+read, on `curvature_device`), one float32 cost per candidate, and the float64 workspace of one
+layer at a time: its inverses are computed for the costs and again for the update.
 
 Depends on torch only. Works on any module whose prunable layers are nn.Linear (OPT, Llama, ...),
 on whatever device the model is on.
@@ -70,8 +75,8 @@ class Settings:
                                       # 5 for unstructured and N:M (paper)
     damp_a: float = 0.01              # lambda_A, relative to the mean live diagonal of A
     damp_g: float = 0.1               # lambda_G, likewise (the paper: 0.01 for rowcol)
-    damp_costs: bool = False          # rowcol: the costs' w^T A w, w^T G w with the undamped A, G
-                                      # as the authors' code does; True: with A_hat, G_hat
+    damp_costs: bool = False          # rowcol, units: the costs' forms w^T A w, w^T G w with
+                                      # the undamped A, G as the authors' code; True: A_hat, G_hat
     max_correlate: int = 1            # most removed weights solved together in an element update:
                                       # 1 is a row at a time (the authors' code: 2000)
     curvature_device: str | None = None   # where A and G live; None: the model's device
