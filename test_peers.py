@@ -1,6 +1,7 @@
 """Tests for benchmarks/peers/sparsegpt_wanda.py (SparseGPT and Wanda) against brute-force oracles on tiny layers,
 and block by block on tiny random OPT and Llama models. Nothing is downloaded."""
 import itertools
+import json
 
 import pytest
 import torch
@@ -183,3 +184,24 @@ def test_quality_time_points_come_from_the_grid_records():
     curves = figure.quality_time(records, "unstructured-50")
     assert curves["LLM Surgeon"] == [(10.0, 70.0, 1), (50.0, 50.0, 5)]      # checkpoints not
     assert curves["SparseGPT"] == [(3.0, 60.0, 1)] and "magnitude" not in curves  # counted
+
+
+def test_units_figure_counts_parameters_and_speed_from_the_records(tmp_path, monkeypatch):
+    """The units curve: every evaluated shot at the dense parameters less the removed weights,
+    the last as compacted; the speed-up of each model over the dense one of its own record."""
+    pytest.importorskip("matplotlib")
+    from benchmarks import figure
+    units = {"settings": {"shots": 2}, "params_dense": 100, "sparsity_before": 0.0,
+             "params_compact": 70, "ppl_compact": 60.0,
+             "shots": [{"sparsity": 0.15, "ppl": 50.0}, {"sparsity": 0.3, "ppl": 60.0}]}
+    records = {"dense": {"params_dense": 100, "ppl_dense": 40.0},
+               "surgeon-units-30-shots-2": units,
+               "slicegpt-rowcol-30": {"params_compact": 90, "ppl_pruned": 300.0}}
+    monkeypatch.setattr(figure, "PRUNED", 20)                 # weights the layers hold
+    points = figure.units_points(records)
+    assert points["LLM Surgeon, heads and MLP units, 2 shots"] == [(70, 60.0), (97.0, 50.0),
+                                                                  (100, 40.0)]
+    assert points["SliceGPT"] == [(90, 300.0)]
+    (tmp_path / "l.json").write_text(json.dumps({"dense": {"latency_ms": 10.0, "ppl": 40.0},
+                                                 "units": {"latency_ms": 8.0, "ppl": 60.0}}))
+    assert figure.speed_points(str(tmp_path)) == {"LLM Surgeon, heads and MLP units": [(1.25, 60.0)]}

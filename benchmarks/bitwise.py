@@ -4,9 +4,9 @@ same tiny random OPT and Llama models and text, compared by what they save.
     python benchmarks/bitwise.py ae743e5            # exit 0 when every case is identical
 
 Cases: both models; unstructured, 2:4, 4:8 and rows and columns (with their low-rank steps);
-each of the four methods; bfloat16 weights; 2 processes (torchrun, gloo). Each case saves its
-model; the saved tensors must be equal bit for bit, and the record's perplexities and sparsities
-equal to every digit. The earlier commit is taken from git (`git archive`) into a temporary
+each of the four methods; bfloat16 weights; 2 processes (torchrun, gloo); and the peers' own
+command lines (SparseGPT, Wanda, SliceGPT; their records only). The saved tensors must be equal
+bit for bit, and the records' perplexities and sparsities equal to every digit. The earlier commit is taken from git (`git archive`) into a temporary
 folder; nothing is downloaded.
 """
 import argparse
@@ -31,6 +31,12 @@ CASES.update({f"{model}-{structure}-bfloat16": (model, ["--structure", structure
                                                         sparsity, "--dtype", "bfloat16"])
               for model, (structure, sparsity) in (("llama", STRUCTURES[3]),
                                                    ("opt", STRUCTURES[1]))})
+PEERS = {"llama-sparsegpt-2:4": ("sparsegpt_wanda", ["--method", "sparsegpt", "--structure", "2:4"]),
+         "llama-wanda-unstructured": ("sparsegpt_wanda", ["--method", "wanda", "--structure",
+                                                          "unstructured"]),
+         "llama-slicegpt-30": ("slicegpt", ["--remove", "0.3"])}
+SCRIPTS = {"sparsegpt_wanda": ("benchmarks/peers/sparsegpt_wanda.py", "benchmarks/peers.py"),
+           "slicegpt": ("benchmarks/peers/slicegpt.py", "benchmarks/slicegpt.py")}  # now, before
 RANKS = {f"{model}-{structure}-2-ranks": (model, ["--structure", structure, "--sparsity", sparsity])
          for model, (structure, sparsity) in (("llama", STRUCTURES[3]), ("opt", STRUCTURES[0]))}
 
@@ -45,18 +51,21 @@ for argv in json.loads(sys.argv[2]):
 """
 
 
-def command(files, model, extra, out):
+def data(files, model):
     return ["--model", os.path.join(files, model), "--train-file", os.path.join(files, "train.txt"),
             "--test-file", os.path.join(files, "test.txt"), "--nsamples", "4", "--seqlen", "32",
-            "--eval-windows", "4", "--shots", "2", "--device", "cpu", "--eval-every", "1",
-            "--save", os.path.join(out, "model"), "--json", os.path.join(out, "record.json"),
-            *extra]
+            "--eval-windows", "4", "--device", "cpu"]
+
+
+def command(files, model, extra, out):
+    return [*data(files, model), "--shots", "2", "--eval-every", "1", "--save",
+            os.path.join(out, "model"), "--json", os.path.join(out, "record.json"), *extra]
 
 
 def run_tree(tree, files, out):
     """Every case with the run_opt.py in `tree`; their outputs under out/NAME, what they print
     in out/log.txt."""
-    for name in (*CASES, *RANKS):
+    for name in (*CASES, *PEERS, *RANKS):
         os.makedirs(os.path.join(out, name), exist_ok=True)
     argvs = [command(files, model, extra, os.path.join(out, name))
              for name, (model, extra) in CASES.items()]
@@ -64,6 +73,12 @@ def run_tree(tree, files, out):
     with open(os.path.join(out, "log.txt"), "w") as log:
         subprocess.run([sys.executable, "-c", DRIVER, tree, json.dumps(argvs)], check=True,
                        env=env, stdout=log, stderr=log)
+        for name, (script, extra) in PEERS.items():         # the peers' own command lines
+            path = next(p for p in SCRIPTS[script] if os.path.exists(os.path.join(tree, p)))
+            out_dir = os.path.join(out, name)
+            subprocess.run([sys.executable, path, *data(files, "llama"),
+                            "--json", os.path.join(out_dir, "record.json"), *extra],
+                           cwd=tree, check=True, env=env, stdout=log, stderr=log)
         for name, (model, extra) in RANKS.items():
             subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                             "run_opt.py", *command(files, model, extra, os.path.join(out, name))],
@@ -71,12 +86,14 @@ def run_tree(tree, files, out):
 
 
 def results(folder):
+    """(saved tensors, or {} where the case saves none, and the record's numbers)."""
     from safetensors.torch import load_file
     with open(os.path.join(folder, "record.json")) as f:
         record = json.load(f)
     numbers = {k: record[k] for k in ("ppl_dense", "ppl_pruned", "sparsity")}
     numbers["shots"] = [(s["sparsity"], s.get("ppl")) for s in record["shots"]]
-    return load_file(os.path.join(folder, "model", "model.safetensors")), numbers
+    saved = os.path.join(folder, "model", "model.safetensors")
+    return (load_file(saved) if os.path.exists(saved) else {}), numbers
 
 
 def compare(a, b):
@@ -115,7 +132,7 @@ def main(argv=None):
     after = os.path.join(work, "after")          # a copy: edits while it runs do not count
     shutil.copytree(ROOT, after, ignore=shutil.ignore_patterns(".git", "assets", "__pycache__"),
                     dirs_exist_ok=True)
-    print(f"{len(CASES) + len(RANKS)} cases, {args.ref} in {before} against a copy of {ROOT}")
+    print(f"{len(CASES) + len(PEERS) + len(RANKS)} cases, {args.ref} in {before} against a copy of {ROOT}")
     for tree, out in ((before, "out-before"), (after, "out-after")):
         try:
             run_tree(tree, files, os.path.join(work, out))
@@ -123,11 +140,11 @@ def main(argv=None):
             sys.exit(f"the runs of {tree} failed (exit {err.returncode}); see "
                      f"{os.path.join(work, out, 'log.txt')}")
     failed = 0
-    for name in (*CASES, *RANKS):
+    for name in (*CASES, *PEERS, *RANKS):
         why = compare(os.path.join(work, "out-before", name), os.path.join(work, "out-after", name))
         failed += bool(why)
         print(f"{name:32s} {'same bit for bit' if not why else 'DIFFERENT: ' + why}")
-    print(f"{len(CASES) + len(RANKS) - failed} same, {failed} different")
+    print(f"{len(CASES) + len(PEERS) + len(RANKS) - failed} same, {failed} different")
     return 1 if failed else 0
 
 

@@ -6,11 +6,16 @@
   300 (a curve with at least two of them besides dense).
 - FOLDER-quality-time.png: perplexity against seconds of pruning at 50% unstructured and at 2:4,
   every method; LLM Surgeon once per number of shots that has a record (NAME-shots-K runs).
+- FOLDER-units.png: what structured pruning buys counted in parameters and in time: perplexity
+  against the parameters left after compaction (heads and MLP units, every evaluated shot; rows
+  and columns and SliceGPT, their compacted or sliced models), and against the forward pass's
+  speed-up over dense, timed in turns (the records of benchmarks/latency.py in --latency).
 
     python benchmarks/figure.py                       # benchmarks/records/smollm2-brown
     python benchmarks/figure.py --results benchmarks/opt125m-wikitext
 """
 import argparse
+import glob
 import json
 import os
 import sys
@@ -117,15 +122,101 @@ def quality_time_figure(records, out):
         json.dump(drawn, f, indent=1)
 
 
+PRUNED = 106168320       # SmolLM2's weights in the pruned layers (its blocks' nn.Linear)
+
+
+def units_points(records):
+    """{label: sorted [(parameters, perplexity)]}: units runs at every evaluated shot, the
+    parameters counted as the dense model's less the removed units' weights (the last point as
+    compacted); rows and columns and SliceGPT as compacted or sliced."""
+    dense = records.get("dense")
+    curves = {}
+    for name, r in sorted(records.items()):
+        if "-units-" in name and "params_compact" in r:
+            label = f"{'LLM Surgeon' if name.startswith('surgeon') else 'K-OBD'}, heads and MLP " \
+                    f"units, {r['settings']['shots']} shots"
+            points = [(r["params_dense"] - (s["sparsity"] - r["sparsity_before"]) * PRUNED,
+                       s["ppl"]) for s in r["shots"][:-1] if "ppl" in s]
+            curves[label] = points + [(r["params_compact"], r["ppl_compact"])]
+        elif name.startswith("surgeon-rowcol-30") and "params_compact" in r:
+            curves.setdefault("LLM Surgeon, rows and columns, compacted", []).append(
+                (r["params_compact"], r["ppl_compact"]))
+        elif name.startswith("slicegpt-rowcol-"):
+            curves.setdefault("SliceGPT", []).append((r["params_compact"], r["ppl_pruned"]))
+    start = [(dense["params_dense"], dense["ppl_dense"])] if dense else []
+    return {label: sorted(start + points if "units" in label else points)
+            for label, points in curves.items()}
+
+
+def speed_points(folder):
+    """{label: [(speed-up over dense, perplexity)]} from benchmarks/latency.py's records: each
+    model against the dense one timed in turns with it."""
+    points = {}
+    for path in sorted(glob.glob(os.path.join(folder, "*.json"))):
+        with open(path) as f:
+            r = json.load(f)
+        if "dense" not in r or "latency_ms" not in r["dense"]:
+            continue
+        for name, m in r.items():
+            if isinstance(m, dict) and "latency_ms" in m and name != "dense":
+                points.setdefault(LATENCY_LABELS.get(name, name), []).append(
+                    (r["dense"]["latency_ms"] / m["latency_ms"], m["ppl"]))
+    return points
+
+
+LATENCY_LABELS = {"surgeon": "LLM Surgeon, rows and columns, compacted",
+                  "units": "LLM Surgeon, heads and MLP units", "slicegpt": "SliceGPT",
+                  "kobd-units": "K-OBD, heads and MLP units"}
+STYLE = {"LLM Surgeon, heads": ("C3", "v"), "K-OBD, heads": ("C0", "o"),
+         "LLM Surgeon, rows": ("C2", "^"), "SliceGPT": ("C1", "s")}   # one look a method
+
+
+def style(label):
+    return next(v for k, v in STYLE.items() if label.startswith(k))
+
+
+def units_figure(records, latency, out):
+    curves, speeds = units_points(records), speed_points(latency)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for label, points in curves.items():
+        x, y = zip(*points)
+        color, marker = style(label)
+        line = "none" if label.startswith("LLM Surgeon, rows") else "-"     # separate runs
+        axes[0].plot([v / 1e6 for v in x], y, marker=marker, label=label, color=color,
+                     linestyle=line)
+    for label, points in speeds.items():
+        x, y = zip(*points)
+        color, marker = style(label)
+        axes[1].plot(x, y, marker, label=label, markersize=7, color=color)
+    for ax, xlabel in zip(axes, ("parameters after compaction (M)",
+                                 "forward pass, speed-up over dense (timed in turns)")):
+        ax.set_yscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("test perplexity")
+        ax.set_title(title(records), fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out + ".png", dpi=120)
+    with open(out + ".json", "w") as f:
+        json.dump({"parameters": {k: [{"params": p, "ppl": v} for p, v in c]
+                                  for k, c in curves.items()},
+                   "speed": {k: [{"speedup": p, "ppl": v} for p, v in c]
+                             for k, c in speeds.items()}}, f, indent=1)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--results", default=os.path.join(HERE, "records", "smollm2-brown"))
+    p.add_argument("--latency", default=os.path.join(HERE, "records", "latency"),
+                   help="benchmarks/latency.py's records")
     args = p.parse_args()
     records = load_records(args.results)
     base = args.results.rstrip("/")
     rowcol_figure(records, base + "-rowcol")
     quality_time_figure(records, base + "-quality-time")
-    print(f"wrote {base}-rowcol.png, {base}-quality-time.png and their .json")
+    units_figure(records, args.latency, base + "-units")
+    print(f"wrote {base}-rowcol.png, {base}-quality-time.png, {base}-units.png and their .json")
 
 
 if __name__ == "__main__":
