@@ -67,7 +67,7 @@ RECORD = {              # the fields of the JSON record (--json), written down i
     "params_compact": "--compact: the model's parameters after compaction",
     "compact": "--compact: params_before/after, mlp_units_removed, heads_removed, zeros_kept, "
                "zero_columns_kept",
-}
+}                       # a peer's Pruner adds its own (SliceGPT: width, blocks_weights_kept, ...)
 
 
 def run(argv=None):
