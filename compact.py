@@ -38,8 +38,7 @@ def _compact_mlp(up: list[nn.Linear], down: nn.Linear, act, gated: bool) -> int:
     dead = _all_zero(down.weight.T)
     if gated:
         gate, lin = up
-        silu_like = bool(act(torch.zeros(1)) == 0)
-        dead |= _all_zero(get_matrix(lin)) | (_all_zero(get_matrix(gate)) & silu_like)
+        dead |= _all_zero(get_matrix(lin)) | (_all_zero(get_matrix(gate)) & _silent_at_zero(act))
     else:
         (fc1,) = up
         const = act(fc1.bias) if fc1.bias is not None else fc1.weight.new_zeros(len(fc1.weight))
