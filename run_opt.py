@@ -304,6 +304,9 @@ def parse_args(argv=None):
     p.add_argument("--compact", action="store_true",
                    help="after rowcol or units pruning, cut dead units and heads out; measure "
                         "the speed-up")
+    p.add_argument("--unit-cost", choices=("cut", "lines"), default=DEFAULT.unit_cost,
+                   help="units: a unit's cost is its cheapest cut's OBS cost, or the sum of its "
+                        "lines' costs")
     p.add_argument("--lora-steps", type=count,
                    help="interleaved low-rank update steps after each shot (0: off; default 3 "
                    "for surgeon on rowcol and units, 0 otherwise)")
@@ -970,7 +973,7 @@ def open_checkpoint(folder, args, settings):
     path = os.path.join(folder, CHECKPOINT)
     try:
         state = torch.load(path, weights_only=True, mmap=True)
-        then = {"dtype": "float32", **state["settings"]}            # float32: before --dtype
+        then = {"dtype": "float32", "unit_cost": "cut", **state["settings"]}   # before those
         state["next_shot"], state["shots"], state["weights"]
     except Exception as err:
         fail(f"--resume: {path} is damaged or partial ({one_line(err)}); the run cannot go on "

@@ -84,6 +84,8 @@ class Settings:
                                       # None: 3 for LLM Surgeon on rowcol, units, else 0
     lora_rank: int = 8
     lora_lr: float = 1e-4
+    unit_cost: str = "cut"            # units: "cut", the OBS cost of a unit's cheapest cut;
+                                      # "lines", the sum of its lines' costs
 
     def __post_init__(self):
         if self.shots is None:                              # 1e-9: 0.1 / 0.0125 is 8.000...02
@@ -649,8 +651,9 @@ def block_precisions(F_inv, F, precision, width, method):
 
 @dataclass
 class UnitCandidates:
-    """One layer's share of the units: cost (c,) of each cut line in this layer, one after the
-    other, then nonzero (l,) counts of each unit line and shared line block in it."""
+    """One layer's share of the units: cost (c,) of each priced line in this layer (the cuts, or
+    every line with unit_cost "lines"), one after the other, then nonzero (l,) counts of each
+    unit line and shared line block in it."""
     cost: torch.Tensor
     nonzero: torch.Tensor
 
@@ -658,26 +661,29 @@ class UnitCandidates:
 class Units:
     """A candidate is a unit a model can lose whole: an attention head or an MLP unit (beyond
     the paper, from its framework: under KFAC the layers are independent). Its cost is the
-    cheapest of its cuts, each the exact joint OBS cost of the cut's lines in its one layer;
-    its gain every nonzero weight of all its lines; the update is the cut layer's exact
+    cheapest of its cuts, each the exact joint OBS cost of the cut's lines in its one layer (or,
+    with unit_cost "lines", the sum of the costs of all its lines); its gain every nonzero
+    weight of all its lines; the update is the cut layer's exact
     rows-or-columns update (Eq. 6), then the unit's other lines, which do nothing now, zeroed."""
     name = "units"
 
-    def __init__(self, groups: list[UnitGroup]):
-        self.groups = groups
-        self.slots = {}          # layer -> [(group, line index or None, shared index, is cut)]
+    def __init__(self, groups: list[UnitGroup], cost: str = "cut"):
+        self.groups, self.summed = groups, cost == "lines"
+        self.priced = [list(range(len(group.lines))) if self.summed else group.cuts
+                       for group in groups]                  # the lines whose costs count
+        self.slots = {}          # layer -> [(group, line index or None, shared index, priced)]
         for g, group in enumerate(groups):
             for i, (layer, _, _) in enumerate(group.lines):
-                self.slots.setdefault(layer, []).append((g, i, None, i in group.cuts))
+                self.slots.setdefault(layer, []).append((g, i, None, i in self.priced[g]))
             for j, (layer, *_) in enumerate(group.shared):
                 self.slots.setdefault(layer, []).append((g, None, j, False))
 
     def sizes(self, name):
-        """(cut costs, nonzero counts) in this layer's UnitCandidates."""
-        cuts = sum(self.groups[g].count for g, _, _, cut in self.slots.get(name, ()) if cut)
+        """(line costs, nonzero counts) in this layer's UnitCandidates."""
+        priced = sum(self.groups[g].count for g, _, _, p in self.slots.get(name, ()) if p)
         counts = sum(self.groups[g].count // (1 if i is not None else self.groups[g].shared[j][3])
                      for g, i, j, _ in self.slots.get(name, ()))
-        return cuts, counts
+        return priced, counts
 
     def line(self, g, i, j):
         """(layer, axis, width) of a unit line i or a shared line j of group g."""
@@ -687,14 +693,14 @@ class Units:
         A, G = (quad.A_hat, quad.G_hat) if quad.A_hat is not None else (quad.A, quad.G)
         W = quad.W.masked_fill(F.pad(quad.removed, (0, quad.W.shape[1] - quad.n_in)), 0)
         costs, counts = [], []
-        for g, i, j, cut in self.slots.get(quad.name, ()):
+        for g, i, j, priced in self.slots.get(quad.name, ()):
             _, axis, width = self.line(g, i, j)
             lines = W if axis == "rows" else W[:, :quad.n_in].T                # (lines, ...)
             counts.append((lines != 0).reshape(-1, width * lines.shape[1]).sum(1))
-            if cut and axis == "rows":
+            if priced and axis == "rows":
                 P = block_precisions(quad.G_inv, quad.G, quad.gamma, width, cfg.method)
                 costs.append(block_costs(W, A, P, width))
-            elif cut:
+            elif priced:
                 P = block_precisions(quad.A_inv, quad.A, quad.alpha[:quad.n_in], width,
                                      cfg.method)                                  # no bias
                 costs.append(block_costs(W[:, :quad.n_in].T, G, P, width))
@@ -709,8 +715,11 @@ class Units:
         sizes = [self.sizes(name) for name in layers]
         cost = ranks.concat([c.cost.cpu() for c in cands], [s[0] for s in sizes])
         count = ranks.concat([c.nonzero.cpu() for c in cands], [s[1] for s in sizes])
-        cut_cost, own, shared = self._per_group(layers, cost, count)
-        unit_cost = torch.cat([c.min(1).values for c in cut_cost])
+        line_cost, own, shared = self._per_group(layers, cost, count)
+        cut_cost = [c[:, [self.priced[g].index(i) for i in group.cuts]]
+                    for g, (c, group) in enumerate(zip(line_cost, self.groups))]
+        unit_cost = torch.cat([c.sum(1) for c in line_cost] if self.summed else
+                              [c.min(1).values for c in cut_cost])
         gain = torch.cat(own)
         unit_cost[gain == 0] = REMOVED                       # nothing left: always taken
         order = unit_cost.argsort(stable=True)
@@ -731,17 +740,17 @@ class Units:
         return [self._layer_lines(name, taken, choice) for name in ranks.own(ranks.layers)]
 
     def _per_group(self, layers, cost, count):
-        """Split the gathered vectors: per group, (units, cuts) costs, own nonzeros (units,) and
-        the nonzeros of each shared line's blocks."""
-        cut_cost = [torch.empty(gr.count, len(gr.cuts)) for gr in self.groups]
+        """Split the gathered vectors: per group, (units, priced lines) costs, own nonzeros
+        (units,) and the nonzeros of each shared line's blocks."""
+        line_cost = [torch.empty(gr.count, len(p)) for gr, p in zip(self.groups, self.priced)]
         own = [torch.zeros(gr.count, dtype=torch.long) for gr in self.groups]
         shared = [[None] * len(gr.shared) for gr in self.groups]
         at_cost, at_count = 0, 0
         for name in layers:
-            for g, i, j, cut in self.slots.get(name, ()):
+            for g, i, j, priced in self.slots.get(name, ()):
                 group = self.groups[g]
-                if cut:
-                    cut_cost[g][:, group.cuts.index(i)] = cost[at_cost:at_cost + group.count]
+                if priced:
+                    line_cost[g][:, self.priced[g].index(i)] = cost[at_cost:at_cost + group.count]
                     at_cost += group.count
                 n = group.count if i is not None else group.count // group.shared[j][3]
                 if i is not None:
@@ -749,7 +758,7 @@ class Units:
                 else:
                     shared[g][j] = count[at_count:at_count + n]
                 at_count += n
-        return cut_cost, own, shared
+        return line_cost, own, shared
 
     def _layer_lines(self, name, taken, choice):
         """This layer's lines to remove: {(axis, "cut" or "dead"): indices}."""
@@ -789,7 +798,7 @@ class Units:
         return W
 
 
-def structure_of(name: str, units: list[UnitGroup] | None = None):
+def structure_of(name: str, units: list[UnitGroup] | None = None, cost: str = "cut"):
     """'unstructured', 'rowcol', 'units' (with its groups) or 'N:M' (0 < N < M) -> its
     structure, or ValueError."""
     if name == "unstructured":
@@ -797,7 +806,7 @@ def structure_of(name: str, units: list[UnitGroup] | None = None):
     if name == "rowcol":
         return RowCol()
     if name == "units":
-        return Units(units or [])
+        return Units(units or [], cost)
     N, _, M = name.partition(":")
     if not (N.isdigit() and M.isdigit() and 0 < int(N) < int(M)):
         raise ValueError(f"structure must be unstructured, rowcol, units or N:M with 0 < N < M, "
@@ -909,7 +918,7 @@ def prune(model: nn.Module, batches, settings: Settings, on_shot=None, progress=
     shot."""
     cfg, layers, batches = settings, prunable_layers(model), list(batches)
     check(cfg, layers, batches, units)
-    structure = structure_of(cfg.structure, units)
+    structure = structure_of(cfg.structure, units, cfg.unit_cost)
     ranks = processes(layers)               # several when torch.distributed is initialized
     total, records = sum(layer.weight.numel() for layer in layers.values()), []
     with highest_precision(), failure_note(layers, cfg.shots, records, first_shot):
@@ -940,6 +949,8 @@ def check(settings: Settings, layers=None, batches=None, units=None):
         raise ValueError(f"method must be one of {METHODS}, got {cfg.method!r}")
     if not 0 <= cfg.sparsity < 1:
         raise ValueError(f"sparsity must be in [0, 1), got {cfg.sparsity}")
+    if cfg.unit_cost not in ("cut", "lines"):
+        raise ValueError(f"unit_cost must be 'cut' or 'lines', got {cfg.unit_cost!r}")
     for name, low, strict in (("shots", 1, False), ("max_correlate", 1, False),
                               ("damp_a", 0, False), ("damp_g", 0, False),
                               ("lora_steps", 0, False), ("lora_rank", 1, False),

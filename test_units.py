@@ -174,3 +174,31 @@ def test_uneven_grouped_query_heads_compact_and_load_with_from_pretrained(tmp_pa
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "saved", trust_remote_code=True)
     with torch.no_grad():
         assert torch.allclose(plain(ids).logits, after, atol=1e-6)
+
+
+def test_unit_cost_lines_sums_every_line_and_still_updates_through_the_cheapest_cut():
+    """Two layers: unit u's rows in 'a' (a cut) and its columns in 'b' (a cut): "cut" prices a
+    unit at the cheaper of the two, "lines" at their sum; the update goes through the cheaper."""
+    W, A, G, _, _ = tiny_layer(m=6, n=8, seed=14)
+    s = Settings(structure="units", damp_a=0.3, damp_g=0.2)
+    group = UnitGroup(3, [("a", "rows", 2), ("b", "cols", 2)], [0, 1])
+    layers = {"a": torch.nn.Linear(8, 6, bias=False), "b": torch.nn.Linear(6, 8, bias=False)}
+    one = surgeon.OneProcess(layers)
+    quads = {"a": surgeon.quadratic(linear_of(W, 8), A, G, s, name="a"),
+             "b": surgeon.quadratic(linear_of(W.T.contiguous(), 6), G, A, s, name="b")}
+    rows = surgeon.Units([group]).candidates(quads["a"], s).cost
+    cols = surgeon.Units([group]).candidates(quads["b"], s).cost
+    for mode, want in (("cut", torch.minimum(rows, cols)), ("lines", rows + cols)):
+        units = surgeon.Units([group], mode)
+        cands = [units.candidates(quads[n], s) for n in ("a", "b")]
+        cheapest = int(want.argmin())
+        taken = units.select(cands, 1, 0, one)                 # one unit: the cheapest
+        side = ("a", ("rows", "cut")) if rows[cheapest] <= cols[cheapest] else \
+            ("b", ("cols", "cut"))
+        got = taken[0 if side[0] == "a" else 1][side[1]].tolist()
+        assert got == [2 * cheapest, 2 * cheapest + 1], mode
+
+
+def test_unit_cost_must_be_cut_or_lines():
+    with pytest.raises(ValueError, match="unit_cost must be 'cut' or 'lines'"):
+        surgeon.check(Settings(structure="units", unit_cost="sum"))
