@@ -462,6 +462,16 @@ class LineCandidates:
     nonzero: torch.Tensor
 
 
+def shortest_prefix(cost, order, added, target, zeros):
+    """(c,) bool: the candidates in the shortest prefix of `order` (cost order, already removed
+    ones first and always taken) whose added zeros (cumulative, in that order) reach target."""
+    take = max(int((cost == REMOVED).sum()),
+               min(len(cost), int((zeros + added < target).sum()) + (target > zeros)))
+    taken = torch.zeros(len(cost), dtype=torch.bool, device=cost.device)
+    taken[order[:take]] = True
+    return taken
+
+
 def threshold_select(costs, gains, target, zeros, ranks, fast=True):
     """Fixed gains per candidate: the shortest prefix of all candidates in cost order (a stable
     sort over the layers in turn; already removed ones first) whose gains reach `target` zeros.
@@ -470,11 +480,7 @@ def threshold_select(costs, gains, target, zeros, ranks, fast=True):
         return radix_select(costs, gains, target, zeros, ranks)
     cost, gain = torch.cat(costs), torch.cat(gains).long()
     order = cost.argsort(stable=True)                                      # REMOVED < 0: first
-    added = gain[order].cumsum(0)                          # zeros added by each prefix
-    take = max(int((cost == REMOVED).sum()),
-               min(len(cost), int((zeros + added < target).sum()) + (target > zeros)))
-    taken = torch.zeros(len(cost), dtype=torch.bool, device=cost.device)
-    taken[order[:take]] = True
+    taken = shortest_prefix(cost, order, gain[order].cumsum(0), target, zeros)
     return list(taken.split([len(c) for c in costs]))
 
 
@@ -592,11 +598,8 @@ class RowCol:
                           position[start + m:start + m + n].to(c.nonzero.device))
             later = at_c[None, :] > at_r[:, None]                                   # (m, n)
             gains.append(torch.cat([(c.nonzero & later).sum(1), (c.nonzero & ~later).sum(0)]).cpu())
-        added = ranks.concat(gains, lengths)[order].cumsum(0)    # zeros added by each prefix
-        forced = int((flat == REMOVED).sum())
-        take = max(forced, min(len(flat), int((zeros + added < target).sum()) + (target > zeros)))
-        taken = torch.zeros(len(flat), dtype=torch.bool)
-        taken[order[:take]] = True
+        added = ranks.concat(gains, lengths)[order].cumsum(0)
+        taken = shortest_prefix(flat, order, added, target, zeros)
         return [taken[starts[name]:starts[name] + len(c.cost)].to(c.cost.device)
                 for name, c in zip(mine, cands)]
 
@@ -731,11 +734,7 @@ class Units:
                 last = position[start:start + group.count].reshape(-1, k).argmax(1)
                 bonus[start + torch.arange(len(blocks)) * k + last] += blocks
             start += group.count
-        added = (gain + bonus)[order].cumsum(0)
-        forced = int((unit_cost == REMOVED).sum())
-        take = max(forced, min(len(order), int((zeros + added < target).sum()) + (target > zeros)))
-        taken = torch.zeros(len(order), dtype=torch.bool)
-        taken[order[:take]] = True
+        taken = shortest_prefix(unit_cost, order, (gain + bonus)[order].cumsum(0), target, zeros)
         choice = torch.cat([c.argmin(1) for c in cut_cost])
         return [self._layer_lines(name, taken, choice) for name in ranks.own(ranks.layers)]
 
