@@ -30,11 +30,14 @@ def _keep(layer: nn.Linear, rows=None, cols=None):
 
 
 @torch.no_grad()
-def _compact_mlp(up: list[nn.Linear], down: nn.Linear, act, gated: bool) -> int:
+def _compact_mlp(up: list[nn.Linear], down: nn.Linear, act, gated: bool,
+                 multiple: int = 1) -> tuple[int, int]:
     """Remove hidden units that cannot change the output. Ungated (OPT): unit i is dead when
     down's column i is zero, or when up's row i is zero in its weights, so that it outputs the
     constant act(b_i), which is folded into down's bias. Gated (Llama): act(gate x) * (up x) is
-    zero when either row is zero with zero bias (act(0) = 0 for SiLU) or down's column is."""
+    zero when either row is zero with zero bias (act(0) = 0 for SiLU) or down's column is.
+    Then zero units are appended until the width is a multiple of `multiple` (matrix kernels
+    run faster on such widths). Returns (units removed, zero units appended)."""
     dead = _all_zero(down.weight.T)
     if gated:
         gate, lin = up
@@ -50,7 +53,23 @@ def _compact_mlp(up: list[nn.Linear], down: nn.Linear, act, gated: bool) -> int:
     for layer in up:
         _keep(layer, rows=keep)
     _keep(down, cols=keep)
-    return int(dead.sum())
+    pad = -len(keep) % multiple
+    for layer in up:
+        _pad(layer, rows=pad)
+    _pad(down, cols=pad)
+    return int(dead.sum()), pad
+
+
+@torch.no_grad()
+def _pad(layer: nn.Linear, rows=0, cols=0):
+    """Append zero output rows (with zero bias) and zero input columns to a layer in place."""
+    if rows or cols:
+        W = nn.functional.pad(layer.weight, (0, cols, 0, rows))
+        layer.weight = nn.Parameter(W, requires_grad=layer.weight.requires_grad)
+        if layer.bias is not None and rows:
+            layer.bias = nn.Parameter(nn.functional.pad(layer.bias, (0, rows)),
+                                      requires_grad=layer.bias.requires_grad)
+        layer.out_features, layer.in_features = W.shape
 
 
 @torch.no_grad()
@@ -165,21 +184,23 @@ def _silent_at_zero(act) -> bool:
     return bool(act(torch.zeros(1)) == 0)
 
 
-def compact(model: nn.Module) -> dict:
+def compact(model: nn.Module, multiple: int = 1) -> dict:
     """Cut dead MLP units and attention heads out of the weight matrices; the function computed
     stays the same. Zeros elsewhere stay: in heads and units that still work, and in input
-    columns that read the residual stream, whose width every block shares. Returns counts and
-    the new shapes (for `resize`)."""
+    columns that read the residual stream, whose width every block shares. With `multiple` > 1
+    each MLP is then padded with zero units to a width that is a multiple of it. Returns counts
+    and the new shapes (for `resize`)."""
     report = {"params_before": sum(p.numel() for p in model.parameters()),
-              "mlp_units_removed": 0, "heads_removed": 0}
+              "mlp_units_removed": 0, "mlp_units_padded": 0, "heads_removed": 0}
     for module in list(model.modules()):
         kind = _kind(module)
-        if kind == "ungated":
-            report["mlp_units_removed"] += _compact_mlp([module.fc1], module.fc2,
-                                                        module.activation_fn, gated=False)
-        elif kind == "gated":
-            report["mlp_units_removed"] += _compact_mlp([module.gate_proj, module.up_proj],
-                                                        module.down_proj, module.act_fn, gated=True)
+        if kind in ("ungated", "gated"):
+            up, down, act = ([module.fc1], module.fc2, module.activation_fn) \
+                if kind == "ungated" else \
+                ([module.gate_proj, module.up_proj], module.down_proj, module.act_fn)
+            removed, padded = _compact_mlp(up, down, act, kind == "gated", multiple)
+            report["mlp_units_removed"] += removed
+            report["mlp_units_padded"] += padded
         elif kind == "attention":
             report["heads_removed"] += _compact_attention(module)
     layers = prunable_layers(model)
@@ -206,7 +227,9 @@ def resize(model: nn.Module, spec: dict):
     for name, (out_f, in_f) in spec["linear"].items():
         layer = model.get_submodule(name)
         if tuple(layer.weight.shape) != (out_f, in_f):
-            _keep(layer, rows=torch.arange(out_f), cols=torch.arange(in_f))
+            _keep(layer, rows=torch.arange(min(out_f, layer.out_features)),
+                  cols=torch.arange(min(in_f, layer.in_features)))
+            _pad(layer, rows=out_f - layer.out_features, cols=in_f - layer.in_features)
     for name, attrs in spec["heads"].items():
         attn = model.get_submodule(name)
         for k, value in attrs.items():
@@ -263,10 +286,13 @@ def save(model, tokenizer, folder, shapes):
     with open(path) as f:
         config = json.load(f)
     base = config["model_type"].removesuffix("-compacted")
-    functions = "\n\n".join(inspect.getsource(f) for f in (_keep, resize, _expand_kv))
+    functions = "\n\n".join(inspect.getsource(f) for f in (_keep, _pad, resize, _expand_kv))
+    model_class, config_class = type(model), type(model.config)
+    if model_class.__name__ == "CompactedForCausalLM":       # loaded from a folder saved here
+        model_class, config_class = model_class.__base__, config_class.__base__
     with open(os.path.join(folder, MODELING), "w") as f:
-        f.write(TEMPLATE.format(model_type=base, config_class=type(model.config).__name__,
-                                model_class=type(model).__name__, functions=functions))
+        f.write(TEMPLATE.format(model_type=base, config_class=config_class.__name__,
+                                model_class=model_class.__name__, functions=functions))
     module = MODELING[:-3]
     config.update(model_type=f"{base}-compacted", compact=shapes,
                   architectures=["CompactedForCausalLM"],

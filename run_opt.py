@@ -65,8 +65,8 @@ RECORD = {              # the fields of the JSON record (--json), written down i
     "latency_ms_compact": "--compact: the same after compaction",
     "ppl_compact": "--compact: perplexity after compaction",
     "params_compact": "--compact: the model's parameters after compaction",
-    "compact": "--compact: params_before/after, mlp_units_removed, heads_removed, zeros_kept, "
-               "zero_columns_kept",
+    "compact": "--compact: params_before/after, mlp_units_removed, mlp_units_padded, "
+               "heads_removed, zeros_kept, zero_columns_kept",
 }                       # a peer's Pruner adds its own (SliceGPT: width, blocks_weights_kept, ...)
 
 
@@ -95,6 +95,8 @@ class Pruner:
         raise NotImplementedError
 
     def after(self, model, test, device, record):
+        """After pruning, or in place of it where nothing is pruned: what may change the model
+        (compaction); returns what `save` needs of it."""
         return None
 
     def save(self, model, tokenizer, folder, after, record):
@@ -136,7 +138,7 @@ def pipeline(args, device, pruner: Pruner):
                 perplexity(model, test, device, "eval pruned")     # evaluated after its last shot
         record.update(sparsity=report["sparsity"], layers=report["layers"], shots=report["shots"])
         print_pruned(record, layers)
-        after = pruner.after(model, test, device, record)
+    after = pruner.after(model, test, device, record)
     if args.save and main_rank():
         with stage(record, "save", device):
             pruner.save(model, tokenizer, args.save, after, record)
@@ -156,14 +158,14 @@ def pipeline(args, device, pruner: Pruner):
 
 class Surgeon(Pruner):
     """LLM Surgeon (surgeon.prune) with run_opt's flags: checkpoints and resume, --eval-every,
-    --compact."""
+    --compact (of the pruned model, or with --sparsity 0 of the model as loaded)."""
 
     def __init__(self, args, settings):
         self.args, self.settings = args, settings
         self.prunes = args.sparsity > 0
         self.calibrate = args.method != "magnitude" or args.lora_steps > 0
-        self.compact = args.compact and args.structure in surgeon.LINES
-        if args.compact and args.structure not in surgeon.LINES:
+        self.compact = args.compact and (args.structure in surgeon.LINES or not self.prunes)
+        if args.compact and not self.compact:
             print(f"--compact: nothing to compact, {args.structure} pruning leaves no whole rows "
                   "or columns; the zeros stay in place")
 
@@ -185,14 +187,14 @@ class Surgeon(Pruner):
         return report
 
     def after(self, model, test, device, record):
-        if self.args.checkpoint and main_rank():
+        if self.args.checkpoint and self.prunes and main_rank():
             path = os.path.join(self.args.checkpoint, CHECKPOINT)
             print(f"checkpoint of the last shot kept in {path} "
                   f"({os.path.getsize(path) / 2**20:.0f} MB); delete it when the run is no "
                   "longer needed")
         if self.compact:
             with stage(record, "compact", device):
-                return compact_stage(model, test, device, record)
+                return compact_stage(model, test, device, record, self.args.compact_multiple)
         return None
 
     def save(self, model, tokenizer, folder, shapes, record):
@@ -304,6 +306,9 @@ def parse_args(argv=None):
     p.add_argument("--compact", action="store_true",
                    help="after rowcol or units pruning, cut dead units and heads out; measure "
                         "the speed-up")
+    p.add_argument("--compact-multiple", type=positive, default=1, metavar="N",
+                   help="--compact: pad each MLP with zero units to a width that is a multiple "
+                        "of N, which matrix kernels run faster (1: no padding)")
     p.add_argument("--unit-cost", choices=("cut", "lines"), default=DEFAULT.unit_cost,
                    help="units: a unit's cost is its cheapest cut's OBS cost, or the sum of its "
                         "lines' costs")
@@ -1024,18 +1029,20 @@ def sparsity_table(layers: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
-def compact_stage(model, test, device, record):
-    """Cut dead units and heads out; the forward latency of 8 test windows is timed just before
-    and just after, so that both see the same load on the machine."""
+def compact_stage(model, test, device, record, multiple=1):
+    """Cut dead units and heads out (MLPs padded to `multiple` units); the forward latency of 8
+    test windows is timed just before and just after, so that both see the same load."""
     batch = torch.cat(test[:8]).to(device)
     record["latency_ms_pruned"] = latency_ms(model, batch)
-    report = compaction.compact(model)
+    report = compaction.compact(model, multiple)
     record["compact"] = {k: v for k, v in report.items() if k != "shapes"}
     record["params_compact"] = report["params_after"]
     record["latency_ms_compact"] = latency_ms(model, batch)
     record["ppl_compact"] = perplexity(model, test, device, "eval compact")
+    padded = f", {report['mlp_units_padded']} zero MLP units added to reach multiples of " \
+        f"{multiple}" if report["mlp_units_padded"] else ""
     print(f"compacted: {report['mlp_units_removed']} MLP units and {report['heads_removed']} "
-          f"heads removed; {report['zero_columns_kept']} zero input columns and "
+          f"heads removed{padded}; {report['zero_columns_kept']} zero input columns and "
           f"{report['zeros_kept']} zero weights kept in place")
     n = record["params_dense"]
     print(f"parameters: dense {n / 1e6:.2f}M -> compact {report['params_after'] / 1e6:.2f}M "

@@ -138,6 +138,16 @@ def test_compact_saves_a_smaller_model_that_reloads(files, tmp_path, capsys, mod
         assert torch.equal(plain(ids).logits, reloaded(ids).logits)
     with pytest.raises(Exception, match="trust_remote_code"):        # without: says what it needs
         AutoModelForCausalLM.from_pretrained(saved)
+    padded = tmp_path / "padded"                 # --sparsity 0: compacts the folder as it is
+    third = run_opt.main(["--model", str(saved), "--sparsity", "0", "--compact",
+                          "--compact-multiple", "8", "--save", str(padded), "--test-file",
+                          str(files / "test.txt"), "--seqlen", "32", "--eval-windows", "4"])
+    assert third["compact"]["mlp_units_removed"] == 0 and third["compact"]["mlp_units_padded"] > 0
+    assert third["ppl_compact"] == pytest.approx(record["ppl_compact"], rel=1e-5)
+    assert "zero MLP units added to reach multiples of 8" in capsys.readouterr().out
+    wide = run_opt.load(str(padded))[0]
+    assert all(m.in_features % 8 == 0 for name, m in wide.named_modules()
+               if name.endswith(("fc2", "down_proj")))
 
 
 def test_compact_of_unstructured_says_nothing_to_do(files, capsys):

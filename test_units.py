@@ -202,3 +202,37 @@ def test_unit_cost_lines_sums_every_line_and_still_updates_through_the_cheapest_
 def test_unit_cost_must_be_cut_or_lines():
     with pytest.raises(ValueError, match="unit_cost must be 'cut' or 'lines'"):
         surgeon.check(Settings(structure="units", unit_cost="sum"))
+
+
+@pytest.mark.parametrize("make", [tiny_opt, lambda: tiny_llama(vocab=300, hidden=32, heads=4,
+                                                                kv_heads=2)])
+@pytest.mark.parametrize("multiple", [1, 8, 48])
+def test_compaction_pads_mlps_to_a_multiple_and_reloads(make, multiple, tmp_path):
+    """Block 0 loses 3 units, block 1 none: with `multiple` each MLP is padded with zero units
+    to a multiple of it (48: wider than the model was), the logits stay, and the saved folder
+    loads with from_pretrained(trust_remote_code=True) to the same shapes and logits."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model = make()
+    mlps = [m for m in model.modules() if compact._kind(m) in ("ungated", "gated")]
+    down = [m.fc2 if hasattr(m, "fc2") else m.down_proj for m in mlps]
+    width = down[0].in_features
+    with torch.no_grad():
+        down[0].weight[:, [1, 4, 7]] = 0
+    ids = torch.randint(0, 50, (2, 12))
+    with torch.no_grad():
+        before = model(ids).logits
+        report = compact.compact(model, multiple)
+        after = model(ids).logits
+    widths = [d.in_features for d in down]
+    assert widths == [-(-(width - 3) // multiple) * multiple, -(-width // multiple) * multiple]
+    assert report["mlp_units_removed"] == 3
+    assert report["mlp_units_padded"] == sum(widths) - (2 * width - 3)
+    assert torch.allclose(after, before, atol=1e-5)
+    files = make_files(tmp_path / "files")
+    kind = "opt" if hasattr(mlps[0], "fc1") else "llama"
+    compact.save(model, AutoTokenizer.from_pretrained(files / kind), tmp_path / "saved",
+                 report["shapes"])
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "saved", trust_remote_code=True)
+    assert compact.shapes(plain)["linear"] == report["shapes"]["linear"]
+    with torch.no_grad():
+        assert torch.allclose(plain(ids).logits, after, atol=1e-6)
