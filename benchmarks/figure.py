@@ -166,9 +166,11 @@ def speed_points(folder):
 
 LATENCY_LABELS = {"surgeon": "LLM Surgeon, rows and columns, compacted",
                   "units": "LLM Surgeon, heads and MLP units", "slicegpt": "SliceGPT",
+                  "units-pad8": "LLM Surgeon, heads and MLP units, padded to 8",
                   "kobd-units": "K-OBD, heads and MLP units"}
-STYLE = {"LLM Surgeon, heads": ("C3", "v"), "K-OBD, heads": ("C0", "o"),
-         "LLM Surgeon, rows": ("C2", "^"), "SliceGPT": ("C1", "s")}   # one look a method
+STYLE = {"LLM Surgeon, heads and MLP units, padded": ("C4", "D"),     # one look a method
+         "LLM Surgeon, heads": ("C3", "v"), "K-OBD, heads": ("C0", "o"),
+         "LLM Surgeon, rows": ("C2", "^"), "SliceGPT": ("C1", "s")}
 
 
 def style(label):
