@@ -165,10 +165,14 @@ def speed_points(folder):
 
 
 LATENCY_LABELS = {"surgeon": "LLM Surgeon, rows and columns, compacted",
-                  "units": "LLM Surgeon, heads and MLP units", "slicegpt": "SliceGPT",
-                  "units-pad8": "LLM Surgeon, heads and MLP units, padded to 8",
-                  "kobd-units": "K-OBD, heads and MLP units"}
-STYLE = {"LLM Surgeon, heads and MLP units, padded": ("C4", "D"),     # one look a method
+                  "units": "LLM Surgeon, heads and MLP units, 6 shots",
+                  "units-pad8": "LLM Surgeon, heads and MLP units, 6 shots, padded to 8",
+                  "units-24-shots": "LLM Surgeon, heads and MLP units, 24 shots",
+                  "units-24-shots-pad8": "LLM Surgeon, heads and MLP units, 24 shots, padded to 8",
+                  "kobd-units": "K-OBD, heads and MLP units, 3 shots", "slicegpt": "SliceGPT"}
+STYLE = {"LLM Surgeon, heads and MLP units, 6 shots, padded": ("C6", "D"),  # one look a model
+         "LLM Surgeon, heads and MLP units, 24 shots, padded": ("C4", "D"),
+         "LLM Surgeon, heads and MLP units, 6 shots": ("C6", "v"),
          "LLM Surgeon, heads": ("C3", "v"), "K-OBD, heads": ("C0", "o"),
          "LLM Surgeon, rows": ("C2", "^"), "SliceGPT": ("C1", "s")}
 
