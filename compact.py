@@ -5,6 +5,7 @@ in Llama; attention is q/k/v_proj with o_proj or out_proj and a head_dim attribu
 
 "Dead" means: removing it changes no output of the model.
 """
+import inspect
 import json
 import os
 
@@ -272,6 +273,11 @@ class CompactedForCausalLM({model_class}):
 {functions}'''
 
 
+# read when this module is imported, so that a run saves the code it ran with, even where this
+# file changed on disk since
+FUNCTIONS = "\n\n".join(inspect.getsource(f) for f in (_keep, _pad, resize, _expand_kv))
+
+
 def is_compacted(folder) -> bool:
     return os.path.isfile(os.path.join(folder, MODELING))
 
@@ -279,20 +285,18 @@ def is_compacted(folder) -> bool:
 def save(model, tokenizer, folder, shapes):
     """save_pretrained, with the shapes (from `compact`) in config.json and the modeling file
     that rebuilds them."""
-    import inspect
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     path = os.path.join(folder, "config.json")
     with open(path) as f:
         config = json.load(f)
     base = config["model_type"].removesuffix("-compacted")
-    functions = "\n\n".join(inspect.getsource(f) for f in (_keep, _pad, resize, _expand_kv))
     model_class, config_class = type(model), type(model.config)
     if model_class.__name__ == "CompactedForCausalLM":       # loaded from a folder saved here
         model_class, config_class = model_class.__base__, config_class.__base__
     with open(os.path.join(folder, MODELING), "w") as f:
         f.write(TEMPLATE.format(model_type=base, config_class=config_class.__name__,
-                                model_class=model_class.__name__, functions=functions))
+                                model_class=model_class.__name__, functions=FUNCTIONS))
     module = MODELING[:-3]
     config.update(model_type=f"{base}-compacted", compact=shapes,
                   architectures=["CompactedForCausalLM"],

@@ -236,3 +236,34 @@ def test_compaction_pads_mlps_to_a_multiple_and_reloads(make, multiple, tmp_path
     assert compact.shapes(plain)["linear"] == report["shapes"]["linear"]
     with torch.no_grad():
         assert torch.allclose(plain(ids).logits, after, atol=1e-6)
+
+
+def test_a_saved_folder_has_the_code_compaction_ran_with_even_if_the_file_changed(tmp_path,
+                                                                                   monkeypatch):
+    """compact.py is edited on disk while a run goes on (lines shift): the modeling file the run
+    saves still holds the functions it imported, and the folder loads."""
+    import importlib
+    import shutil
+    import sys
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    copy = tmp_path / "code"
+    copy.mkdir()
+    shutil.copy(compact.__file__, copy / "compact.py")
+    monkeypatch.syspath_prepend(str(copy))
+    monkeypatch.delitem(sys.modules, "compact")
+    running = importlib.import_module("compact")
+    assert running.__file__ == str(copy / "compact.py")
+    source = (copy / "compact.py").read_text()
+    (copy / "compact.py").write_text("# an edit\n" * 40 + source)
+    model = tiny_llama(vocab=300, hidden=32, heads=4, kv_heads=2)
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight[:, :5] = 0
+        report = running.compact(model)
+        ids = torch.randint(0, 300, (2, 12))
+        want = model(ids).logits
+    files = make_files(tmp_path / "files")
+    running.save(model, AutoTokenizer.from_pretrained(files / "llama"), tmp_path / "saved",
+                 report["shapes"])
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "saved", trust_remote_code=True)
+    with torch.no_grad():
+        assert torch.allclose(plain(ids).logits, want, atol=1e-6)
