@@ -203,5 +203,7 @@ def test_units_figure_counts_parameters_and_speed_from_the_records(tmp_path, mon
                                                                   (100, 40.0)]
     assert points["SliceGPT"] == [(90, 300.0)]
     (tmp_path / "l.json").write_text(json.dumps({"dense": {"latency_ms": 10.0, "ppl": 40.0},
-                                                 "units": {"latency_ms": 8.0, "ppl": 60.0}}))
-    assert figure.speed_points(str(tmp_path)) == {"LLM Surgeon, heads and MLP units": [(1.25, 60.0)]}
+                                                 "units-24-shots": {"latency_ms": 8.0,
+                                                                    "ppl": 60.0}}))
+    assert figure.speed_points(str(tmp_path)) == {
+        "LLM Surgeon, heads and MLP units, 24 shots": [(1.25, 60.0)]}
