@@ -136,6 +136,13 @@ def _kind(module: nn.Module) -> str | None:
     return None
 
 
+def _mlp(module: nn.Module, kind: str):
+    """(up layers, the activated one first; down layer; activation) of an MLP of this kind."""
+    if kind == "ungated":
+        return [module.fc1], module.fc2, module.activation_fn
+    return [module.gate_proj, module.up_proj], module.down_proj, module.act_fn
+
+
 def uncuttable(model: nn.Module) -> list[str]:
     """What compaction finds nothing to cut in, in a model's blocks: "MLP", "attention" or both
     (fused projections such as Phi3's qkv_proj and gate_up_proj, GPT-NeoX's query_key_value).
@@ -155,18 +162,12 @@ def units(model: nn.Module) -> list[UnitGroup]:
     groups = []
     for module in model.modules():
         kind = _kind(module)
-        if kind == "ungated":
-            fc1, fc2 = names[module.fc1], names[module.fc2]
-            silent = _silent_at_zero(module.activation_fn)
-            groups.append(UnitGroup(module.fc1.out_features, [(fc1, "rows", 1), (fc2, "cols", 1)],
-                                    [0, 1] if silent else [1]))
-        elif kind == "gated":
-            gate, up, down = (names[getattr(module, n)] for n in ("gate_proj", "up_proj",
-                                                                  "down_proj"))
-            silent = _silent_at_zero(module.act_fn)
-            groups.append(UnitGroup(module.gate_proj.out_features,
-                                    [(gate, "rows", 1), (up, "rows", 1), (down, "cols", 1)],
-                                    [0, 1, 2] if silent else [1, 2]))
+        if kind in ("ungated", "gated"):
+            up, down, act = _mlp(module, kind)
+            lines = [(names[layer], "rows", 1) for layer in up] + [(names[down], "cols", 1)]
+            first = 0 if _silent_at_zero(act) else 1   # the activated row (gate, fc1): a cut
+            groups.append(UnitGroup(up[0].out_features, lines,   # only where act(0) = 0
+                                    list(range(first, len(lines)))))
         elif kind == "attention":
             q, k, v = (names[getattr(module, n)] for n in ("q_proj", "k_proj", "v_proj"))
             o = names[module.o_proj if hasattr(module, "o_proj") else module.out_proj]
@@ -196,10 +197,7 @@ def compact(model: nn.Module, multiple: int = 1) -> dict:
     for module in list(model.modules()):
         kind = _kind(module)
         if kind in ("ungated", "gated"):
-            up, down, act = ([module.fc1], module.fc2, module.activation_fn) \
-                if kind == "ungated" else \
-                ([module.gate_proj, module.up_proj], module.down_proj, module.act_fn)
-            removed, padded = _compact_mlp(up, down, act, kind == "gated", multiple)
+            removed, padded = _compact_mlp(*_mlp(module, kind), kind == "gated", multiple)
             report["mlp_units_removed"] += removed
             report["mlp_units_padded"] += padded
         elif kind == "attention":

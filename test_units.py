@@ -214,7 +214,7 @@ def test_compaction_pads_mlps_to_a_multiple_and_reloads(make, multiple, tmp_path
     from transformers import AutoModelForCausalLM, AutoTokenizer
     model = make()
     mlps = [m for m in model.modules() if compact._kind(m) in ("ungated", "gated")]
-    down = [m.fc2 if hasattr(m, "fc2") else m.down_proj for m in mlps]
+    down = [compact._mlp(m, compact._kind(m))[1] for m in mlps]
     width = down[0].in_features
     with torch.no_grad():
         down[0].weight[:, [1, 4, 7]] = 0
