@@ -10,6 +10,7 @@ and the paper do. --model also takes a local folder and --train-file / --test-fi
 text, so the same command runs without a hub.
 """
 import argparse
+import copy
 import atexit
 import ctypes
 import functools
@@ -59,7 +60,8 @@ RECORD = {              # the fields of the JSON record (--json), written down i
     "ppl_pruned": "perplexity after pruning (after the last shot)",
     "sparsity": "fraction of the pruned layers' weights that are zero at the end",
     "layers": "each pruned layer's fraction of zero weights",
-    "shots": "each shot: shot, target, sparsity, seconds of each part, ppl where evaluated",
+    "shots": "each shot: shot, target, sparsity, seconds of each part, ppl where evaluated; "
+             "--save-every: saved (the folder) and with --compact params_compact",
     "resumed": "--resume: from_shot, and prune_seconds_all_shots over the earlier runs too",
     "latency_ms_pruned": "--compact: forward latency of 8 test windows before compaction",
     "latency_ms_compact": "--compact: the same after compaction",
@@ -142,9 +144,7 @@ def pipeline(args, device, pruner: Pruner):
     if args.save and main_rank():
         with stage(record, "save", device):
             pruner.save(model, tokenizer, args.save, after, record)
-            with open(os.path.join(args.save, SAVED), "w") as f:
-                json.dump({"settings": record["settings"], "ppl_pruned": record["ppl_pruned"]}, f)
-            print(f"saved to {args.save}")
+            mark_saved(args.save, record["settings"], record["ppl_pruned"])
     gather_peaks(record)
     print("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in record["seconds"].items())
           + f"; peak memory {max(record['peak_memory_mb'].values()):.0f} MB")
@@ -179,7 +179,9 @@ class Surgeon(Pruner):
             fail(str(err))
 
     def prune(self, model, layers, calib, test, device, record):
-        report = prune_stage(self.args, self.settings, model, layers, calib, test, device)
+        keep = (lambda shot: self.save_shot(model, shot, record)) if self.args.save_every \
+            else None
+        report = prune_stage(self.args, self.settings, model, layers, calib, test, device, keep)
         if report["first_shot"] > 1:             # "prune" timed only this process's shots
             record["resumed"] = {"from_shot": report["first_shot"],
                                  "prune_seconds_all_shots": round(sum(
@@ -196,6 +198,22 @@ class Surgeon(Pruner):
             with stage(record, "compact", device):
                 return compact_stage(model, test, device, record, self.args.compact_multiple)
         return None
+
+    def save_shot(self, model, shot, record):
+        """--save-every K: a copy of the model after shot K, 2K, ... (the last is --save's) in
+        DIR-shot-K, compacted as the last one is, while pruning goes on."""
+        if shot["shot"] % self.args.save_every or shot["shot"] == self.settings.shots \
+                or not main_rank():
+            return
+        tic, folder = time.perf_counter(), f"{self.args.save}-shot-{shot['shot']}"
+        model, shapes = copy.deepcopy(model), None
+        if self.compact:
+            report = compaction.compact(model, self.args.compact_multiple)
+            shot["params_compact"], shapes = report["params_after"], report["shapes"]
+        self.save(model, load_tokenizer(self.args.model)[0], folder, shapes, record)
+        mark_saved(folder, record["settings"], shot.get("ppl"))
+        shot["saved"] = folder
+        shot["seconds"]["save"] = time.perf_counter() - tic
 
     def save(self, model, tokenizer, folder, shapes, record):
         if shapes:
@@ -324,6 +342,10 @@ def parse_args(argv=None):
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --checkpoint DIR after its last complete shot")
     p.add_argument("--save", metavar="DIR", help="save the pruned model and tokenizer here")
+    p.add_argument("--save-every", type=count, default=0, metavar="K",
+                   help="with --save DIR: also save the model after every K-th shot, in "
+                        "DIR-shot-K, compacted with --compact (holds a copy of the model while "
+                        "it saves; 0: the last shot only)")
     p.add_argument("--json", metavar="PATH", help="write settings and results as JSON here")
     return p.parse_args(argv)
 
@@ -373,6 +395,14 @@ def validate(args):
         writable_folder(args.save, "--save", SAVED)
         if os.path.exists(os.path.join(args.save, SAVED)) and main_rank():
             print(f"--save {args.save}: replacing the model that an earlier run saved there")
+    if args.save_every:
+        if not args.save:
+            fail("--save-every needs --save DIR (the folders are DIR-shot-K)")
+        if args.device_map:
+            fail("--save-every cannot be used with --device-map (it copies the model); save "
+                 "the shots you want with --sparsity and --shots of their own instead")
+        for k in range(args.save_every, settings.shots, args.save_every):
+            writable_folder(f"{args.save}-shot-{k}", "--save-every", SAVED)
     if args.resume and not args.checkpoint:
         fail("--resume needs --checkpoint DIR")
     if args.checkpoint:
@@ -916,8 +946,9 @@ def release_memory():
 # a kill at any moment leaves the last complete one
 
 
-def prune_stage(args, settings, model, layers, calib, test, device):
-    """surgeon.prune with progress, per-shot lines, checkpoints and resume."""
+def prune_stage(args, settings, model, layers, calib, test, device, keep=None):
+    """surgeon.prune with progress, per-shot lines, checkpoints and resume; keep(shot) after each
+    shot's evaluation (--save-every)."""
     from tqdm import tqdm
     first, shots = 1, []
     if args.resume:
@@ -930,6 +961,8 @@ def prune_stage(args, settings, model, layers, calib, test, device):
         if args.eval_every and (shot["shot"] % args.eval_every == 0
                                 or shot["shot"] == settings.shots):
             shot["ppl"] = perplexity(model, test, device, f"eval shot {shot['shot']}")
+        if keep:
+            keep(shot)
         shots.append(shot)
         release_memory()
         if args.checkpoint and main_rank():
@@ -955,6 +988,12 @@ def prune_stage(args, settings, model, layers, calib, test, device):
             "no checkpoint was written (--checkpoint DIR keeps one after every shot)",
             terminated=isinstance(err, Terminated)) from None
     return {**report, "shots": shots, "first_shot": first}
+
+
+def mark_saved(folder, settings, ppl):
+    with open(os.path.join(folder, SAVED), "w") as f:
+        json.dump({"settings": settings, "ppl_pruned": ppl}, f)
+    print(f"saved to {folder}")
 
 
 def result_settings(args, settings):

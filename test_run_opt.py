@@ -376,6 +376,33 @@ def test_eval_every_k_shots_and_the_last(files, tmp_path):
     assert record["ppl_pruned"] == record["shots"][-1]["ppl"]
 
 
+@pytest.mark.parametrize("model", ["opt", "llama"])
+def test_save_every_k_shots_keeps_each_model_as_it_was_then(files, tmp_path, model):
+    """--save-every 2 of 5 shots: DIR-shot-2 and DIR-shot-4 hold the models of those shots
+    (compacted: perplexity as evaluated then, parameters as recorded), and the run goes on to
+    the same model as without them."""
+    common = ("--structure", "units", "--sparsity", "0.5", "--shots", "5", "--eval-every", "1",
+              "--skip-dense-eval", "--compact")
+    plain = run_opt.main(args_for(files, model, *common, "--save", str(tmp_path / "plain")))
+    saved = tmp_path / "every"
+    record = run_opt.main(args_for(files, model, *common, "--save", str(saved),
+                                   "--save-every", "2"))
+    assert [shot.get("saved") for shot in record["shots"]] == \
+        [None, f"{saved}-shot-2", None, f"{saved}-shot-4", None]
+    assert not os.path.exists(f"{saved}-shot-5") and record["ppl_pruned"] == plain["ppl_pruned"]
+    sizes = []
+    for k in (2, 4):
+        shot = record["shots"][k - 1]
+        again = run_opt.main(["--model", f"{saved}-shot-{k}", "--sparsity", "0", "--test-file",
+                              str(files / "test.txt"), "--seqlen", "32", "--eval-windows", "4"])
+        assert again["ppl_dense"] == pytest.approx(shot["ppl"], rel=1e-5)
+        assert again["params_dense"] == shot["params_compact"]
+        sizes.append(shot["params_compact"])
+    assert record["params_dense"] > sizes[0] > sizes[1] > record["params_compact"]
+    with pytest.raises(SystemExit):
+        run_opt.main(args_for(files, model, *common, "--save-every", "2"))
+
+
 def test_the_readme_python_example_runs(files, tmp_path, monkeypatch, capsys):
     """The README's example, as written, with a tiny model and text in place of OPT-125m."""
     readme = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md")).read()

@@ -47,7 +47,8 @@ GRID = {
                           "--shots", "24", "--eval-every", "4", "--lora-steps", "0"],
     "surgeon-rowcol-30-shots-6": ["--method", "surgeon", "--structure", "rowcol", "--sparsity", "0.3",
                           "--shots", "6", "--damp-g", "0.1", "--compact", "--eval-every", "1",
-                          "--lora-steps", "0"],
+                          "--lora-steps", "0", "--save", "out/surgeon-rowcol-30-shots-6",
+                          "--save-every", "2"],
     "surgeon-unstructured-50": ["--method", "surgeon", "--structure", "unstructured",
                                 "--sparsity", "0.5", "--shots", "5", "--max-correlate", "1"],
     "surgeon-2:4": ["--method", "surgeon", "--structure", "2:4", "--sparsity", "0.5", "--shots",
@@ -79,10 +80,14 @@ GRID = {
                        "--shots", "1"],
     "lobd-rowcol-20": ["--method", "lobd", "--structure", "rowcol", "--sparsity", "0.2",
                        "--shots", "1"],
-    # heads and MLP units (--structure units), the paper's schedule to 30%, the models saved
+    # heads and MLP units (--structure units), the paper's schedule to 30%, the models saved;
+    # surgeon-units-20 is its first 16 shots again, saving the models of 10% and 20%
     "surgeon-units-30": ["--method", "surgeon", "--structure", "units", "--sparsity", "0.3",
                          "--shots", "24", "--eval-every", "4", "--lora-steps", "3", "--compact",
                          "--save", "out/surgeon-units-30"],
+    "surgeon-units-20": ["--method", "surgeon", "--structure", "units", "--sparsity", "0.2",
+                         "--shots", "16", "--eval-every", "4", "--lora-steps", "3", "--compact",
+                         "--save", "out/surgeon-units-20", "--save-every", "8"],
     "surgeon-units-30-shots-6": ["--method", "surgeon", "--structure", "units", "--sparsity",
                                  "0.3", "--shots", "6", "--damp-g", "0.1", "--lora-steps", "0",
                                  "--compact", "--eval-every", "1", "--save",
@@ -102,9 +107,9 @@ PEERS = {f"{method}-{name}": ["--method", method, "--structure", structure, "--s
          for name, structure in (("unstructured-50", "unstructured"), ("2:4", "2:4"))}
 # name: benchmarks/peers/slicegpt.py arguments. SliceGPT removing 10/20/30% of the blocks' linear
 # weights (its shortcut matrices counted as kept), and with as many parameters in the whole
-# model as rows and columns pruned to 10/20/30% leave (-params); the 30% models are saved.
+# model as rows and columns pruned to 10/20/30% leave (-params); the first three are saved.
 SLICEGPT = {f"slicegpt-rowcol-{p}{suffix}": [flag, f"0.{p // 10}", "--compact-latency"] +
-            (["--save", f"out/slicegpt-rowcol-{p}{suffix}"] if p == 30 else [])
+            (["--save", f"out/slicegpt-rowcol-{p}"] if not suffix else [])
             for suffix, flag in (("", "--remove"), ("-params", "--match-rowcol"))
             for p in (10, 20, 30)}
 COLUMNS = [("50% unstructured", "unstructured-50"), ("2:4", "2:4"), ("10% rows+cols", "rowcol-10"),
