@@ -55,6 +55,7 @@ RECORD = {              # the fields of the JSON record (--json), written down i
     "peak_memory_mb_ranks": "several processes: each rank's peak_memory_mb",
     "params_dense": "the model's parameters as loaded",
     "model_dtype": "the dtype of the weights as loaded",
+    "pruned_weights": "the weights of the pruned layers (sparsity is a fraction of them)",
     "sparsity_before": "fraction of the pruned layers' weights that were zero as loaded",
     "ppl_dense": "perplexity before pruning (None with --skip-dense-eval)",
     "ppl_pruned": "perplexity after pruning (after the last shot)",
@@ -828,6 +829,7 @@ def load_stage(args, device, record):
     layers = surgeon.prunable_layers(model)
     total = sum(layer.weight.numel() for layer in layers.values())
     record["params_dense"] = sum(p.numel() for p in model.parameters())
+    record["pruned_weights"] = total
     record["sparsity_before"] = surgeon.overall_sparsity(layers)
     record["model_dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
     print(f"model {args.model}: {record['params_dense'] / 1e6:.1f}M parameters in "

@@ -186,24 +186,38 @@ def test_quality_time_points_come_from_the_grid_records():
     assert curves["SparseGPT"] == [(3.0, 60.0, 1)] and "magnitude" not in curves  # counted
 
 
-def test_units_figure_counts_parameters_and_speed_from_the_records(tmp_path, monkeypatch):
+def test_units_figure_counts_parameters_and_speed_from_the_records(tmp_path):
     """The units curve: every evaluated shot at the dense parameters less the removed weights,
-    the last as compacted; the speed-up of each model over the dense one of its own record."""
+    saved shots and the last as compacted, runs of one schedule together; the speed-up of each
+    model over the dense one of its own record, labelled by its name."""
     pytest.importorskip("matplotlib")
     from benchmarks import figure
-    units = {"settings": {"shots": 2}, "params_dense": 100, "sparsity_before": 0.0,
-             "params_compact": 70, "ppl_compact": 60.0,
-             "shots": [{"sparsity": 0.15, "ppl": 50.0}, {"sparsity": 0.3, "ppl": 60.0}]}
-    records = {"dense": {"params_dense": 100, "ppl_dense": 40.0},
-               "surgeon-units-30-shots-2": units,
-               "slicegpt-rowcol-30": {"params_compact": 90, "ppl_pruned": 300.0}}
-    monkeypatch.setattr(figure, "PRUNED", 20)                 # weights the layers hold
+
+    def run(sparsity, shots, compact, points, **extra):
+        return {"settings": {"sparsity": sparsity, "shots": shots, "lora_steps": 3},
+                "params_dense": 100, "sparsity_before": 0.0, "params_compact": compact,
+                "sparsity": sparsity, "ppl_compact": points[-1]["ppl"], "shots": points, **extra}
+
+    records = {"dense": {"params_dense": 100, "ppl_dense": 40.0},    # 20 weights in the layers
+               "surgeon-units-30": run(0.3, 6, 94, [{"sparsity": 0.05}, {"sparsity": 0.15,
+                                                                         "ppl": 50.0},
+                                                    {"sparsity": 0.3, "ppl": 60.0}]),
+               "surgeon-units-20": run(0.2, 4, 96, [{"sparsity": 0.1, "ppl": 44.0,
+                                                     "params_compact": 98},
+                                                    {"sparsity": 0.2, "ppl": 55.0}],
+                                       pruned_weights=20),
+               "slicegpt-rowcol-30": {"params_compact": 90, "ppl_pruned": 300.0},
+               "slicegpt-rowcol-30-params": {"params_compact": 70, "ppl_pruned": 400.0}}
     points = figure.units_points(records)
-    assert points["LLM Surgeon, heads and MLP units, 2 shots"] == [(70, 60.0), (97.0, 50.0),
-                                                                  (100, 40.0)]
-    assert points["SliceGPT"] == [(90, 300.0)]
+    assert points == {    # one schedule, one curve; 0.15 unsaved: 100 less 0.15 of the 20 weights
+        "LLM Surgeon, heads and MLP units, 5% a shot, 3 low-rank steps": [
+            (94, 60.0), (96, 55.0), (97.0, 50.0), (98, 44.0), (100, 40.0)],
+        "SliceGPT": [(70, 400.0), (90, 300.0)]}
     (tmp_path / "l.json").write_text(json.dumps({"dense": {"latency_ms": 10.0, "ppl": 40.0},
                                                  "units-24-shots": {"latency_ms": 8.0,
-                                                                    "ppl": 60.0}}))
+                                                                    "ppl": 60.0},
+                                                 "units-paper-20": {"latency_ms": 5.0,
+                                                                    "ppl": 50.0}}))
     assert figure.speed_points(str(tmp_path)) == {
-        "LLM Surgeon, heads and MLP units, 24 shots": [(1.25, 60.0)]}
+        "LLM Surgeon, heads and MLP units, 1.25% a shot, 3 low-rank steps": [(1.25, 60.0),
+                                                                              (2.0, 50.0)]}

@@ -122,29 +122,46 @@ def quality_time_figure(records, out):
         json.dump(drawn, f, indent=1)
 
 
-PRUNED = 106168320       # SmolLM2's weights in the pruned layers (its blocks' nn.Linear)
+def schedule(r):
+    """A multi-shot run's step and low-rank steps: '1.25% a shot, 3 low-rank steps' (24 shots to
+    30%, or 16 to 20%)."""
+    steps = r["settings"].get("lora_steps")
+    return f"{100 * r['settings']['sparsity'] / r['settings']['shots']:g}% a shot" + \
+        (f", {steps} low-rank steps" if steps else "")
+
+
+def pruned_weights(r):
+    """The pruned layers' weights; records written before run_opt kept that count: from the
+    compacted model, which lost exactly the weights that units pruning removed."""
+    return r.get("pruned_weights") or \
+        (r["params_dense"] - r["params_compact"]) / (r["sparsity"] - r["sparsity_before"])
 
 
 def units_points(records):
     """{label: sorted [(parameters, perplexity)]}: units runs at every evaluated shot, the
-    parameters counted as the dense model's less the removed units' weights (the last point as
-    compacted); rows and columns and SliceGPT as compacted or sliced."""
+    parameters as compacted where the shot was saved (--save-every) or is the last, else the
+    dense model's less the removed units' weights; rows and columns as compacted (saved shots and
+    the last); SliceGPT as sliced. Runs of one schedule share a curve."""
     dense = records.get("dense")
     curves = {}
     for name, r in sorted(records.items()):
-        if "-units-" in name and "params_compact" in r:
-            label = f"{'LLM Surgeon' if name.startswith('surgeon') else 'K-OBD'}, heads and MLP " \
-                    f"units, {r['settings']['shots']} shots"
-            points = [(r["params_dense"] - (s["sparsity"] - r["sparsity_before"]) * PRUNED,
-                       s["ppl"]) for s in r["shots"][:-1] if "ppl" in s]
-            curves[label] = points + [(r["params_compact"], r["ppl_compact"])]
-        elif name.startswith("surgeon-rowcol-30") and "params_compact" in r:
-            curves.setdefault("LLM Surgeon, rows and columns, compacted", []).append(
-                (r["params_compact"], r["ppl_compact"]))
+        if ("-units-" in name or "-rowcol-" in name) and "params_compact" in r \
+                and not name.startswith("slicegpt"):
+            units = "-units-" in name
+            label = f"{'LLM Surgeon' if name.startswith('surgeon') else 'K-OBD'}, " \
+                    f"{'heads and MLP units' if units else 'rows and columns'}, {schedule(r)}"
+            found = curves.setdefault(label, {})
+            for s in r["shots"][:-1]:
+                if "params_compact" in s:
+                    found[s["params_compact"]] = s["ppl"]
+                elif units and "ppl" in s:
+                    found[r["params_dense"] - (s["sparsity"] - r["sparsity_before"])
+                          * pruned_weights(r)] = s["ppl"]
+            found[r["params_compact"]] = r["ppl_compact"]
         elif name.startswith("slicegpt-rowcol-"):
-            curves.setdefault("SliceGPT", []).append((r["params_compact"], r["ppl_pruned"]))
-    start = [(dense["params_dense"], dense["ppl_dense"])] if dense else []
-    return {label: sorted(start + points if "units" in label else points)
+            curves.setdefault("SliceGPT", {})[r["params_compact"]] = r["ppl_pruned"]
+    start = {dense["params_dense"]: dense["ppl_dense"]} if dense else {}
+    return {label: sorted(({**start, **points} if "units" in label else points).items())
             for label, points in curves.items()}
 
 
@@ -159,22 +176,33 @@ def speed_points(folder):
             continue
         for name, m in r.items():
             if isinstance(m, dict) and "latency_ms" in m and name != "dense":
-                points.setdefault(LATENCY_LABELS.get(name, name), []).append(
+                points.setdefault(latency_label(name), []).append(
                     (r["dense"]["latency_ms"] / m["latency_ms"], m["ppl"]))
     return points
 
 
-LATENCY_LABELS = {"surgeon": "LLM Surgeon, rows and columns, compacted",
-                  "units": "LLM Surgeon, heads and MLP units, 6 shots",
-                  "units-pad8": "LLM Surgeon, heads and MLP units, 6 shots, padded to 8",
-                  "units-24-shots": "LLM Surgeon, heads and MLP units, 24 shots",
-                  "units-24-shots-pad8": "LLM Surgeon, heads and MLP units, 24 shots, padded to 8",
-                  "kobd-units": "K-OBD, heads and MLP units, 3 shots", "slicegpt": "SliceGPT"}
-STYLE = {"LLM Surgeon, heads and MLP units, 6 shots, padded": ("C6", "D"),  # one look a model
-         "LLM Surgeon, heads and MLP units, 24 shots, padded": ("C4", "D"),
-         "LLM Surgeon, heads and MLP units, 6 shots": ("C6", "v"),
-         "LLM Surgeon, heads": ("C3", "v"), "K-OBD, heads": ("C0", "o"),
+UNITS = "LLM Surgeon, heads and MLP units"
+PAPER = "1.25% a shot, 3 low-rank steps"                         # the paper's schedule
+LATENCY_LABELS = {"surgeon": "LLM Surgeon, rows and columns, 1.25% a shot, 10 low-rank steps",
+                  "rowcol": "LLM Surgeon, rows and columns, 5% a shot",   # latency.py's names
+                  "units": f"{UNITS}, 5% a shot",                   # (-10, -20, -30: sparsity)
+                  "units-pad8": f"{UNITS}, 5% a shot, padded to 8",
+                  "units-24-shots": f"{UNITS}, {PAPER}",
+                  "units-24-shots-pad8": f"{UNITS}, {PAPER}, padded to 8",
+                  "units-paper": f"{UNITS}, {PAPER}",
+                  "kobd-units": "K-OBD, heads and MLP units, 10% a shot", "slicegpt": "SliceGPT"}
+STYLE = {f"{UNITS}, 5% a shot, padded": ("C6", "D"),               # one look a model
+         f"{UNITS}, {PAPER}, padded": ("C4", "D"),
+         f"{UNITS}, 5% a shot": ("C6", "v"), "LLM Surgeon, heads": ("C3", "v"),
+         "K-OBD, heads": ("C0", "o"), "LLM Surgeon, rows and columns, 5%": ("C8", "^"),
          "LLM Surgeon, rows": ("C2", "^"), "SliceGPT": ("C1", "s")}
+
+
+def latency_label(name):
+    """'units-paper-20' (the 20% model of the paper's schedule) -> its label; a name without a
+    sparsity is a 30% model."""
+    base = name.rsplit("-", 1)[0] if name.rsplit("-", 1)[-1] in ("10", "20", "30") else name
+    return LATENCY_LABELS.get(base, name)
 
 
 def style(label):
@@ -187,9 +215,8 @@ def units_figure(records, latency, out):
     for label, points in curves.items():
         x, y = zip(*points)
         color, marker = style(label)
-        line = "none" if label.startswith("LLM Surgeon, rows") else "-"     # separate runs
         axes[0].plot([v / 1e6 for v in x], y, marker=marker, label=label, color=color,
-                     linestyle=line)
+                     markersize=5)
     for label, points in speeds.items():
         x, y = zip(*points)
         color, marker = style(label)
