@@ -10,8 +10,8 @@ and the paper do. --model also takes a local folder and --train-file / --test-fi
 text, so the same command runs without a hub.
 """
 import argparse
-import copy
 import atexit
+import copy
 import ctypes
 import functools
 import gc
@@ -212,7 +212,8 @@ class Surgeon(Pruner):
             report = compaction.compact(model, self.args.compact_multiple)
             shot["params_compact"], shapes = report["params_after"], report["shapes"]
         self.save(model, load_tokenizer(self.args.model)[0], folder, shapes, record)
-        mark_saved(folder, record["settings"], shot.get("ppl"))
+        mark_saved(folder, record["settings"], shot.get("ppl"), shot=shot["shot"],
+                   sparsity=shot["sparsity"])
         shot["saved"] = folder
         shot["seconds"]["save"] = time.perf_counter() - tic
 
@@ -992,9 +993,11 @@ def prune_stage(args, settings, model, layers, calib, test, device, keep=None):
     return {**report, "shots": shots, "first_shot": first}
 
 
-def mark_saved(folder, settings, ppl):
+def mark_saved(folder, settings, ppl, **shot):
+    """SAVED in the folder: the run's settings, the perplexity, and of a --save-every folder the
+    shot and sparsity it holds."""
     with open(os.path.join(folder, SAVED), "w") as f:
-        json.dump({"settings": settings, "ppl_pruned": ppl}, f)
+        json.dump({"settings": settings, "ppl_pruned": ppl, **shot}, f)
     print(f"saved to {folder}")
 
 

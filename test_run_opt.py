@@ -397,6 +397,8 @@ def test_save_every_k_shots_keeps_each_model_as_it_was_then(files, tmp_path, mod
                               str(files / "test.txt"), "--seqlen", "32", "--eval-windows", "4"])
         assert again["ppl_dense"] == pytest.approx(shot["ppl"], rel=1e-5)
         assert again["params_dense"] == shot["params_compact"]
+        marker = json.loads((tmp_path / f"every-shot-{k}" / run_opt.SAVED).read_text())
+        assert (marker["shot"], marker["sparsity"]) == (k, shot["sparsity"])
         sizes.append(shot["params_compact"])
     assert record["params_dense"] > sizes[0] > sizes[1] > record["params_compact"]
     with pytest.raises(SystemExit):

@@ -47,8 +47,7 @@ GRID = {
                           "--shots", "24", "--eval-every", "4", "--lora-steps", "0"],
     "surgeon-rowcol-30-shots-6": ["--method", "surgeon", "--structure", "rowcol", "--sparsity", "0.3",
                           "--shots", "6", "--damp-g", "0.1", "--compact", "--eval-every", "1",
-                          "--lora-steps", "0", "--save", "out/surgeon-rowcol-30-shots-6",
-                          "--save-every", "2"],
+                          "--lora-steps", "0"],
     "surgeon-unstructured-50": ["--method", "surgeon", "--structure", "unstructured",
                                 "--sparsity", "0.5", "--shots", "5", "--max-correlate", "1"],
     "surgeon-2:4": ["--method", "surgeon", "--structure", "2:4", "--sparsity", "0.5", "--shots",
@@ -81,13 +80,19 @@ GRID = {
     "lobd-rowcol-20": ["--method", "lobd", "--structure", "rowcol", "--sparsity", "0.2",
                        "--shots", "1"],
     # heads and MLP units (--structure units), the paper's schedule to 30%, the models saved;
-    # surgeon-units-20 is its first 16 shots again, saving the models of 10% and 20%
+    # surgeon-units-20 is its first 16 shots again, saving the models of 10% and 20%, and
+    # surgeon-rowcol-30-shots-6-saved that run again, saving its 10%, 20% and 30% (for latency.py)
     "surgeon-units-30": ["--method", "surgeon", "--structure", "units", "--sparsity", "0.3",
                          "--shots", "24", "--eval-every", "4", "--lora-steps", "3", "--compact",
                          "--save", "out/surgeon-units-30"],
     "surgeon-units-20": ["--method", "surgeon", "--structure", "units", "--sparsity", "0.2",
                          "--shots", "16", "--eval-every", "4", "--lora-steps", "3", "--compact",
                          "--save", "out/surgeon-units-20", "--save-every", "8"],
+    "surgeon-rowcol-30-shots-6-saved": ["--method", "surgeon", "--structure", "rowcol",
+                                        "--sparsity", "0.3", "--shots", "6", "--damp-g", "0.1",
+                                        "--compact", "--eval-every", "1", "--lora-steps", "0",
+                                        "--save", "out/surgeon-rowcol-30-shots-6",
+                                        "--save-every", "2"],
     "surgeon-units-30-shots-6": ["--method", "surgeon", "--structure", "units", "--sparsity",
                                  "0.3", "--shots", "6", "--damp-g", "0.1", "--lora-steps", "0",
                                  "--compact", "--eval-every", "1", "--save",
