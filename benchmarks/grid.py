@@ -112,11 +112,15 @@ PEERS = {f"{method}-{name}": ["--method", method, "--structure", structure, "--s
          for name, structure in (("unstructured-50", "unstructured"), ("2:4", "2:4"))}
 # name: benchmarks/peers/slicegpt.py arguments. SliceGPT removing 10/20/30% of the blocks' linear
 # weights (its shortcut matrices counted as kept), and with as many parameters in the whole
-# model as rows and columns pruned to 10/20/30% leave (-params); the first three are saved.
+# model as rows and columns pruned to 10/20/30% leave (-params); the 30% models are saved, the
+# 10% and 20% ones (-remove) by their -saved runs (the same slicings again, for latency.py).
 SLICEGPT = {f"slicegpt-rowcol-{p}{suffix}": [flag, f"0.{p // 10}", "--compact-latency"] +
-            (["--save", f"out/slicegpt-rowcol-{p}"] if not suffix else [])
+            (["--save", f"out/slicegpt-rowcol-{p}{suffix}"] if p == 30 else [])
             for suffix, flag in (("", "--remove"), ("-params", "--match-rowcol"))
             for p in (10, 20, 30)}
+SLICEGPT |= {f"slicegpt-rowcol-{p}-saved": ["--remove", f"0.{p // 10}", "--compact-latency",
+                                            "--save", f"out/slicegpt-rowcol-{p}"]
+             for p in (10, 20)}
 COLUMNS = [("50% unstructured", "unstructured-50"), ("2:4", "2:4"), ("10% rows+cols", "rowcol-10"),
            ("20% rows+cols", "rowcol-20"), ("30% rows+cols", "rowcol-30")]
 METHODS = [("magnitude", "magnitude"), ("Wanda", "wanda"), ("SparseGPT", "sparsegpt"),
