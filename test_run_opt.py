@@ -389,7 +389,9 @@ def test_save_every_k_shots_keeps_each_model_as_it_was_then(files, tmp_path, mod
                                    "--save-every", "2"))
     assert [shot.get("saved") for shot in record["shots"]] == \
         [None, f"{saved}-shot-2", None, f"{saved}-shot-4", None]
-    assert not os.path.exists(f"{saved}-shot-5") and record["ppl_pruned"] == plain["ppl_pruned"]
+    assert not os.path.exists(f"{saved}-shot-5")        # the copies left the model as it was:
+    assert record["ppl_pruned"] == pytest.approx(plain["ppl_pruned"], rel=1e-6)   # (allocations
+    assert record["params_compact"] == plain["params_compact"]     # may move float kernels' bits)
     sizes = []
     for k in (2, 4):
         shot = record["shots"][k - 1]
