@@ -166,6 +166,7 @@ class Surgeon(Pruner):
         self.prunes = args.sparsity > 0
         self.calibrate = args.method != "magnitude" or args.lora_steps > 0
         self.compact = args.compact and (args.structure in surgeon.LINES or not self.prunes)
+        self.saved_shots = saved_shots(args, settings)
         if args.compact and not self.compact:
             print(f"--compact: nothing to compact, {args.structure} pruning leaves no whole rows "
                   "or columns; the zeros stay in place")
@@ -180,8 +181,10 @@ class Surgeon(Pruner):
             fail(str(err))
 
     def prune(self, model, layers, calib, test, device, record):
-        keep = (lambda shot: self.save_shot(model, shot, record)) if self.args.save_every \
-            else None
+        keep = None
+        if self.saved_shots:                        # the tokenizer, read once for every copy
+            tokenizer = load_tokenizer(self.args.model)[0]
+            keep = functools.partial(self.save_shot, model, tokenizer, record=record)
         report = prune_stage(self.args, self.settings, model, layers, calib, test, device, keep)
         if report["first_shot"] > 1:             # "prune" timed only this process's shots
             record["resumed"] = {"from_shot": report["first_shot"],
@@ -200,18 +203,17 @@ class Surgeon(Pruner):
                 return compact_stage(model, test, device, record, self.args.compact_multiple)
         return None
 
-    def save_shot(self, model, shot, record):
+    def save_shot(self, model, tokenizer, shot, record):
         """--save-every K: a copy of the model after shot K, 2K, ... (the last is --save's) in
         DIR-shot-K, compacted as the last one is, while pruning goes on."""
-        if shot["shot"] % self.args.save_every or shot["shot"] == self.settings.shots \
-                or not main_rank():
+        if shot["shot"] not in self.saved_shots or not main_rank():
             return
         tic, folder = time.perf_counter(), f"{self.args.save}-shot-{shot['shot']}"
         model, shapes = copy.deepcopy(model), None
         if self.compact:
             report = compaction.compact(model, self.args.compact_multiple)
             shot["params_compact"], shapes = report["params_after"], report["shapes"]
-        self.save(model, load_tokenizer(self.args.model)[0], folder, shapes, record)
+        self.save(model, tokenizer, folder, shapes, record)
         mark_saved(folder, record["settings"], shot.get("ppl"), shot=shot["shot"],
                    sparsity=shot["sparsity"])
         shot["saved"] = folder
@@ -403,7 +405,7 @@ def validate(args):
         if args.device_map:
             fail("--save-every cannot be used with --device-map (it copies the model); save "
                  "the shots you want with --sparsity and --shots of their own instead")
-        for k in range(args.save_every, settings.shots, args.save_every):
+        for k in saved_shots(args, settings):
             writable_folder(f"{args.save}-shot-{k}", "--save-every", SAVED)
     if args.resume and not args.checkpoint:
         fail("--resume needs --checkpoint DIR")
@@ -418,6 +420,11 @@ def validate(args):
             fail(f"{args.checkpoint} holds a checkpoint; pass --resume to continue that run, or "
                  "choose another folder")
     return device, settings
+
+
+def saved_shots(args, settings):
+    """The shots --save-every K saves besides the last: K, 2K, ..."""
+    return range(args.save_every, settings.shots, args.save_every) if args.save_every else ()
 
 
 def start_ranks(device):

@@ -145,8 +145,9 @@ def units_points(records):
     dense = records.get("dense")
     curves = {}
     for name, r in sorted(records.items()):
-        if ("-units-" in name or "-rowcol-" in name) and "params_compact" in r \
-                and not name.startswith("slicegpt"):
+        if name.startswith("slicegpt-rowcol-"):
+            curves.setdefault("SliceGPT", {})[r["params_compact"]] = r["ppl_pruned"]
+        elif ("-units-" in name or "-rowcol-" in name) and "params_compact" in r:
             units = "-units-" in name
             label = f"{'LLM Surgeon' if name.startswith('surgeon') else 'K-OBD'}, " \
                     f"{'heads and MLP units' if units else 'rows and columns'}, {schedule(r)}"
@@ -158,8 +159,6 @@ def units_points(records):
                     found[r["params_dense"] - (s["sparsity"] - r["sparsity_before"])
                           * pruned_weights(r)] = s["ppl"]
             found[r["params_compact"]] = r["ppl_compact"]
-        elif name.startswith("slicegpt-rowcol-"):
-            curves.setdefault("SliceGPT", {})[r["params_compact"]] = r["ppl_pruned"]
     start = {dense["params_dense"]: dense["ppl_dense"]} if dense else {}
     return {label: sorted(({**start, **points} if "units" in label else points).items())
             for label, points in curves.items()}

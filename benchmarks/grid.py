@@ -81,7 +81,8 @@ GRID = {
                        "--shots", "1"],
     # heads and MLP units (--structure units), the paper's schedule to 30%, the models saved;
     # surgeon-units-20 is its first 16 shots again, saving the models of 10% and 20%, and
-    # surgeon-rowcol-30-shots-6-saved that run again, saving its 10%, 20% and 30% (for latency.py)
+    # surgeon-rowcol-30-shots-6-saved the 6-shot rows-and-columns run again, saving its 10%, 20%
+    # and 30% models (for latency.py)
     "surgeon-units-30": ["--method", "surgeon", "--structure", "units", "--sparsity", "0.3",
                          "--shots", "24", "--eval-every", "4", "--lora-steps", "3", "--compact",
                          "--save", "out/surgeon-units-30"],
@@ -113,7 +114,7 @@ PEERS = {f"{method}-{name}": ["--method", method, "--structure", structure, "--s
 # name: benchmarks/peers/slicegpt.py arguments. SliceGPT removing 10/20/30% of the blocks' linear
 # weights (its shortcut matrices counted as kept), and with as many parameters in the whole
 # model as rows and columns pruned to 10/20/30% leave (-params); the 30% models are saved, the
-# 10% and 20% ones (-remove) by their -saved runs (the same slicings again, for latency.py).
+# 10% and 20% --remove ones by their -saved runs (the same slicings again, for latency.py).
 SLICEGPT = {f"slicegpt-rowcol-{p}{suffix}": [flag, f"0.{p // 10}", "--compact-latency"] +
             (["--save", f"out/slicegpt-rowcol-{p}{suffix}"] if p == 30 else [])
             for suffix, flag in (("", "--remove"), ("-params", "--match-rowcol"))
