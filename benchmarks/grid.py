@@ -98,6 +98,12 @@ GRID = {
                                  "0.3", "--shots", "6", "--damp-g", "0.1", "--lora-steps", "0",
                                  "--compact", "--eval-every", "1", "--save",
                                  "out/surgeon-units-30-shots-6"],
+    # the same 6 shots scoring a unit by the sum of its lines' costs instead of its cheapest cut
+    "surgeon-units-30-shots-6-lines": ["--method", "surgeon", "--structure", "units",
+                                       "--sparsity", "0.3", "--shots", "6", "--damp-g", "0.1",
+                                       "--lora-steps", "0", "--compact", "--eval-every", "1",
+                                       "--unit-cost", "lines", "--save",
+                                       "out/surgeon-units-30-shots-6-lines"],
     "kobd-units-30-shots-3": ["--method", "kobd", "--structure", "units", "--sparsity", "0.3",
                               "--shots", "3", "--eval-every", "1", "--compact", "--save",
                               "out/kobd-units-30-shots-3"],
