@@ -217,7 +217,11 @@ def test_units_figure_counts_parameters_and_speed_from_the_records(tmp_path):
                                                  "units-24-shots": {"latency_ms": 8.0,
                                                                     "ppl": 60.0},
                                                  "units-paper-20": {"latency_ms": 5.0,
-                                                                    "ppl": 50.0}}))
-    assert figure.speed_points(str(tmp_path)) == {
-        "LLM Surgeon, heads and MLP units, 1.25% a shot, 3 low-rank steps": [(1.25, 60.0),
-                                                                              (2.0, 50.0)]}
+                                                                    "ppl": 50.0},
+                                                 "units-paper-30": {"latency_ms": 4.0,
+                                                                    "speedup": 2.4,
+                                                                    "speedup_over": "dense",
+                                                                    "ppl": 70.0}}))
+    assert figure.speed_points(str(tmp_path)) == {    # the rounds' ratio where it is recorded
+        "LLM Surgeon, heads and MLP units, 1.25% a shot, 3 low-rank steps": [
+            (1.25, 60.0), (2.0, 50.0), (2.4, 70.0)]}

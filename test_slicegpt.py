@@ -170,3 +170,9 @@ def test_latency_compares_saved_models(tmp_path):
     assert record["sliced"]["params"] == sliced["params_compact"]
     assert all(len(record[n]["times_ms"]) == 2 and record[n]["latency_ms"] > 0
                for n in ("dense", "surgeon", "sliced"))
+    for n in ("dense", "surgeon", "sliced"):       # the rounds' own ratios, their median between
+        ratios = sorted(d / t for d, t in zip(record["dense"]["times_ms"], record[n]["times_ms"]))
+        assert record[n]["speedup"] == pytest.approx(sum(ratios) / 2)      # ... two rounds
+        assert ratios[0] <= record[n]["speedup_quartiles"][0] <= record[n]["speedup"] \
+            <= record[n]["speedup_quartiles"][1] <= ratios[1]
+    assert record["dense"]["speedup"] == 1.0

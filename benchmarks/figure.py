@@ -166,7 +166,8 @@ def units_points(records):
 
 def speed_points(folder):
     """{label: [(speed-up over dense, perplexity)]} from benchmarks/latency.py's records: each
-    model against the dense one timed in turns with it."""
+    model against the dense one timed in turns with it (the median of the rounds' own ratios;
+    older records: the ratio of the medians)."""
     points = {}
     for path in sorted(glob.glob(os.path.join(folder, "*.json"))):
         with open(path) as f:
@@ -175,8 +176,9 @@ def speed_points(folder):
             continue
         for name, m in r.items():
             if isinstance(m, dict) and "latency_ms" in m and name != "dense":
-                points.setdefault(latency_label(name), []).append(
-                    (r["dense"]["latency_ms"] / m["latency_ms"], m["ppl"]))
+                speedup = m["speedup"] if m.get("speedup_over") == "dense" else \
+                    r["dense"]["latency_ms"] / m["latency_ms"]
+                points.setdefault(latency_label(name), []).append((speedup, m["ppl"]))
     return points
 
 

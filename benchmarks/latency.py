@@ -9,7 +9,8 @@ batch, timed in turns (model 1, model 2, ..., again) so that every model sees th
 Each NAME=FOLDER is a Hugging Face folder, a folder that `run_opt.py --save` wrote (compacted or
 not) or one that `peers/slicegpt.py --save` wrote (it has slicegpt.json). The batch is the first 8
 test windows, as in `run_opt.py --compact`; the latency of a model is the median of `--rounds`
-timed passes after one warm-up pass each.
+timed passes after one warm-up pass each, and its speed-up over the first model the median of
+the rounds' own ratios, with their quartiles.
 """
 import argparse
 import json
@@ -39,6 +40,20 @@ def timed(model, batch):
     tic = time.perf_counter()
     model(batch)
     return 1000 * (time.perf_counter() - tic)
+
+
+def paired_speedups(reference, times):
+    """Each round's speed-up over the reference model timed in the same round: a load that
+    drifts across the run slows both passes of a round alike."""
+    return [r / t for r, t in zip(reference, times)]
+
+
+def quartiles(values):
+    """[first, third] quartile (the values themselves when there are fewer than two)."""
+    if len(values) < 2:
+        return [values[0], values[0]]
+    q = statistics.quantiles(values, n=4, method="inclusive")
+    return [q[0], q[2]]
 
 
 def main(argv=None):
@@ -73,13 +88,17 @@ def main(argv=None):
         for name, model in models.items():
             times[name].append(timed(model, batch))
     first = next(iter(models))
-    print(f"batch {tuple(batch.shape)}, median of {args.rounds} passes taken in turns")
+    print(f"batch {tuple(batch.shape)}, median of {args.rounds} passes taken in turns; speed-up "
+          f"over {first}: the median of the rounds' own ratios (quartiles in brackets)")
     for name in models:
-        record[name].update(latency_ms=statistics.median(times[name]), times_ms=times[name])
+        speedups = paired_speedups(times[first], times[name])
+        record[name].update(latency_ms=statistics.median(times[name]), times_ms=times[name],
+                            speedup=statistics.median(speedups), speedup_over=first,
+                            speedup_quartiles=quartiles(speedups))
         r = record[name]
+        low, high = r["speedup_quartiles"]
         print(f"{name:>10}: {r['params'] / 1e6:7.2f}M parameters, perplexity {r['ppl']:8.2f}, "
-              f"{r['latency_ms']:7.0f} ms ({record[first]['latency_ms'] / r['latency_ms']:.2f}x "
-              f"{first})")
+              f"{r['latency_ms']:7.0f} ms, {r['speedup']:.2f}x {first} ({low:.2f}-{high:.2f})")
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
