@@ -193,8 +193,9 @@ def test_units_figure_counts_parameters_and_speed_from_the_records(tmp_path):
     pytest.importorskip("matplotlib")
     from benchmarks import figure
 
-    def run(sparsity, shots, compact, points, **extra):
-        return {"settings": {"sparsity": sparsity, "shots": shots, "lora_steps": 3},
+    def run(sparsity, shots, compact, points, unit_cost="cut", **extra):
+        return {"settings": {"sparsity": sparsity, "shots": shots, "lora_steps": 3,
+                             "unit_cost": unit_cost},
                 "params_dense": 100, "sparsity_before": 0.0, "params_compact": compact,
                 "sparsity": sparsity, "ppl_compact": points[-1]["ppl"], "shots": points, **extra}
 
@@ -206,12 +207,16 @@ def test_units_figure_counts_parameters_and_speed_from_the_records(tmp_path):
                                                      "params_compact": 98},
                                                     {"sparsity": 0.2, "ppl": 55.0}],
                                        pruned_weights=20),
+               "surgeon-units-30-lines": run(0.3, 6, 94, [{"sparsity": 0.3, "ppl": 58.0}],
+                                             unit_cost="lines"),
                "slicegpt-rowcol-30": {"params_compact": 90, "ppl_pruned": 300.0},
                "slicegpt-rowcol-30-params": {"params_compact": 70, "ppl_pruned": 400.0}}
     points = figure.units_points(records)
     assert points == {    # one schedule, one curve; 0.15 unsaved: 100 less 0.15 of the 20 weights
         "LLM Surgeon, heads and MLP units, 5% a shot, 3 low-rank steps": [
             (94, 60.0), (96, 55.0), (97.0, 50.0), (98, 44.0), (100, 40.0)],
+        "LLM Surgeon, heads and MLP units, 5% a shot, 3 low-rank steps, "     # its own curve
+        "a unit costs the sum of its lines": [(94, 58.0), (100, 40.0)],
         "SliceGPT": [(70, 400.0), (90, 300.0)]}
     (tmp_path / "l.json").write_text(json.dumps({"dense": {"latency_ms": 10.0, "ppl": 40.0},
                                                  "units-24-shots": {"latency_ms": 8.0,

@@ -127,7 +127,8 @@ def schedule(r):
     30%, or 16 to 20%)."""
     steps = r["settings"].get("lora_steps")
     return f"{100 * r['settings']['sparsity'] / r['settings']['shots']:g}% a shot" + \
-        (f", {steps} low-rank steps" if steps else "")
+        (f", {steps} low-rank steps" if steps else "") + \
+        (f", {LINES}" if r["settings"].get("unit_cost") == "lines" else "")
 
 
 def pruned_weights(r):
@@ -184,15 +185,18 @@ def speed_points(folder):
 
 UNITS = "LLM Surgeon, heads and MLP units"
 PAPER = "1.25% a shot, 3 low-rank steps"                         # the paper's schedule
+LINES = "a unit costs the sum of its lines"                        # --unit-cost lines
 LATENCY_LABELS = {"surgeon": "LLM Surgeon, rows and columns, 1.25% a shot, 10 low-rank steps",
                   "rowcol": "LLM Surgeon, rows and columns, 5% a shot",   # latency.py's names
                   "units": f"{UNITS}, 5% a shot",                   # (-10, -20, -30: sparsity)
                   "units-pad8": f"{UNITS}, 5% a shot, padded to 8",
+                  "units-lines": f"{UNITS}, 5% a shot, {LINES}",
                   "units-24-shots": f"{UNITS}, {PAPER}",
                   "units-24-shots-pad8": f"{UNITS}, {PAPER}, padded to 8",
                   "units-paper": f"{UNITS}, {PAPER}",
                   "kobd-units": "K-OBD, heads and MLP units, 10% a shot", "slicegpt": "SliceGPT"}
 STYLE = {f"{UNITS}, 5% a shot, padded": ("C6", "D"),               # one look a model
+         f"{UNITS}, 5% a shot, {LINES}": ("C9", "X"),
          f"{UNITS}, {PAPER}, padded": ("C4", "D"),
          f"{UNITS}, 5% a shot": ("C6", "v"), "LLM Surgeon, heads": ("C3", "v"),
          "K-OBD, heads": ("C0", "o"), "LLM Surgeon, rows and columns, 5%": ("C8", "^"),
@@ -212,7 +216,8 @@ def style(label):
 
 def units_figure(records, latency, out):
     curves, speeds = units_points(records), speed_points(latency)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    rows = (len(set(curves) | set(speeds)) + 1) // 2                 # the legend's
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2 + 0.2 * rows))
     for label, points in curves.items():
         x, y = zip(*points)
         color, marker = style(label)
@@ -229,8 +234,12 @@ def units_figure(records, latency, out):
         ax.set_ylabel("test perplexity")
         ax.set_title(title(records), fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
+    legend = {}                             # one legend under both panels, a model a line
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, handle)
+    fig.legend(legend.values(), legend.keys(), loc="lower center", ncol=2, fontsize=8)
+    fig.tight_layout(rect=(0, (0.2 * rows + 0.1) / fig.get_figheight(), 1, 1))
     fig.savefig(out + ".png", dpi=120)
     with open(out + ".json", "w") as f:
         json.dump({"parameters": {k: [{"params": p, "ppl": v} for p, v in c]
