@@ -199,8 +199,9 @@ STYLE = {f"{UNITS}, 5% a shot, padded": ("C6", "D"),               # one look a 
          f"{UNITS}, 5% a shot, {LINES}": ("C9", "X"),
          f"{UNITS}, {PAPER}, padded": ("C4", "D"),
          f"{UNITS}, 5% a shot": ("C6", "v"), "LLM Surgeon, heads": ("C3", "v"),
-         "K-OBD, heads": ("C0", "o"), "LLM Surgeon, rows and columns, 5%": ("C8", "^"),
-         "LLM Surgeon, rows": ("C2", "^"), "SliceGPT": ("C1", "s")}
+         "K-OBD, heads and MLP units, 1.25%": ("C5", "o"), "K-OBD, heads": ("C0", "o"),
+         "LLM Surgeon, rows and columns, 5%": ("C8", "^"), "LLM Surgeon, rows": ("C2", "^"),
+         "SliceGPT": ("C1", "s")}
 
 
 def latency_label(name):
