@@ -1,7 +1,8 @@
 """Compaction: after rows-and-columns pruning, cut what is dead out of the weight matrices, so
 that the model really gets smaller and faster. Not part of the paper's method, and model-aware
 in the names it looks for: an MLP is (fc1, fc2) as in OPT or (gate_proj, up_proj, down_proj) as
-in Llama; attention is q/k/v_proj with o_proj or out_proj and a head_dim attribute.
+in Llama; attention is q/k/v_proj with o_proj or out_proj and a head_dim attribute (units.py
+knows them).
 
 "Dead" means: removing it changes no output of the model.
 """
@@ -12,7 +13,8 @@ import os
 import torch
 import torch.nn as nn
 
-from surgeon import UnitGroup, get_matrix, prunable_layers
+from surgeon import get_matrix, prunable_layers
+from units import kind_of, mlp_of, silent_at_zero
 
 
 def _all_zero(x: torch.Tensor) -> torch.Tensor:
@@ -42,7 +44,7 @@ def _compact_mlp(up: list[nn.Linear], down: nn.Linear, act, gated: bool,
     dead = _all_zero(down.weight.T)
     if gated:
         gate, lin = up
-        dead |= _all_zero(get_matrix(lin)) | (_all_zero(get_matrix(gate)) & _silent_at_zero(act))
+        dead |= _all_zero(get_matrix(lin)) | (_all_zero(get_matrix(gate)) & silent_at_zero(act))
     else:
         (fc1,) = up
         const = act(fc1.bias) if fc1.bias is not None else fc1.weight.new_zeros(len(fc1.weight))
@@ -126,64 +128,14 @@ def _expand_kv(attn: nn.Module, kv_index):
         attn.num_key_value_groups = 1
 
 
-def _kind(module: nn.Module) -> str | None:
-    """'ungated' (OPT's MLP), 'gated' (Llama's), 'attention', or None: what compaction can cut."""
-    for kind, names in (("ungated", ("fc1", "fc2", "activation_fn")),
-                        ("gated", ("gate_proj", "up_proj", "down_proj", "act_fn")),
-                        ("attention", ("q_proj", "k_proj", "v_proj", "head_dim"))):
-        if all(hasattr(module, n) for n in names):
-            return kind
-    return None
-
-
-def _mlp(module: nn.Module, kind: str):
-    """(up layers, the activated one first; down layer; activation) of an MLP of this kind."""
-    if kind == "ungated":
-        return [module.fc1], module.fc2, module.activation_fn
-    return [module.gate_proj, module.up_proj], module.down_proj, module.act_fn
-
-
 def uncuttable(model: nn.Module) -> list[str]:
     """What compaction finds nothing to cut in, in a model's blocks: "MLP", "attention" or both
     (fused projections such as Phi3's qkv_proj and gate_up_proj, GPT-NeoX's query_key_value).
     The model may be a skeleton on the meta device."""
     blocks = max((len(m) for m in model.modules() if isinstance(m, nn.ModuleList)), default=0)
-    kinds = [_kind(m) for m in model.modules()]
+    kinds = [kind_of(m) for m in model.modules()]
     mlps, attentions = sum(k in ("ungated", "gated") for k in kinds), kinds.count("attention")
     return [what for what, n in (("MLP", mlps), ("attention", attentions)) if n < blocks]
-
-
-def units(model: nn.Module) -> list[UnitGroup]:
-    """The heads and MLP units of every block, as surgeon's structure "units" takes them: an MLP
-    unit is cut by its gate row, its up row or its down column (OPT: its fc1 row with the bias,
-    or its fc2 column), where act(0) = 0 for the rows; a head by its o_proj columns, or by its v
-    rows where it owns them. Grouped-query k and v rows are shared by their query heads."""
-    names = {module: name for name, module in model.named_modules()}
-    groups = []
-    for module in model.modules():
-        kind = _kind(module)
-        if kind in ("ungated", "gated"):
-            up, down, act = _mlp(module, kind)
-            lines = [(names[layer], "rows", 1) for layer in up] + [(names[down], "cols", 1)]
-            first = 0 if _silent_at_zero(act) else 1   # the activated row (gate, fc1): a cut
-            groups.append(UnitGroup(up[0].out_features, lines,   # only where act(0) = 0
-                                    list(range(first, len(lines)))))
-        elif kind == "attention":
-            q, k, v = (names[getattr(module, n)] for n in ("q_proj", "k_proj", "v_proj"))
-            o = names[module.o_proj if hasattr(module, "o_proj") else module.out_proj]
-            d = module.head_dim
-            heads, kv = module.q_proj.out_features // d, module.k_proj.out_features // d
-            if kv == heads:
-                groups.append(UnitGroup(heads, [(q, "rows", d), (k, "rows", d), (v, "rows", d),
-                                                (o, "cols", d)], [3, 2]))
-            else:
-                groups.append(UnitGroup(heads, [(q, "rows", d), (o, "cols", d)], [1],
-                                        [(k, "rows", d, heads // kv), (v, "rows", d, heads // kv)]))
-    return groups
-
-
-def _silent_at_zero(act) -> bool:
-    return bool(act(torch.zeros(1)) == 0)
 
 
 def compact(model: nn.Module, multiple: int = 1) -> dict:
@@ -195,9 +147,9 @@ def compact(model: nn.Module, multiple: int = 1) -> dict:
     report = {"params_before": sum(p.numel() for p in model.parameters()),
               "mlp_units_removed": 0, "mlp_units_padded": 0, "heads_removed": 0}
     for module in list(model.modules()):
-        kind = _kind(module)
+        kind = kind_of(module)
         if kind in ("ungated", "gated"):
-            removed, padded = _compact_mlp(*_mlp(module, kind), kind == "gated", multiple)
+            removed, padded = _compact_mlp(*mlp_of(module, kind), kind == "gated", multiple)
             report["mlp_units_removed"] += removed
             report["mlp_units_padded"] += padded
         elif kind == "attention":

@@ -9,8 +9,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-import compact
+import scale
 import surgeon
+import units
 from surgeon import LINES, Settings
 from conftest import calib, make_files, tiny_llama, tiny_opt, with_exact_zeros
 
@@ -31,9 +32,10 @@ def pruned(config):
     if zeros:
         with_exact_zeros(model, zeros)
     records = []
-    surgeon.prune(model, calib(), Settings(sparsity=sparsity, structure=structure, method=method,
-                                           shots=2, lora_steps=2 if structure in LINES else 0),
-                  on_shot=records.append, units=compact.units(model))
+    scale.prune(model, calib(), Settings(sparsity=sparsity, structure=structure, method=method,
+                                         shots=2, lora_steps=2 if structure in LINES else 0),
+                on_shot=records.append,
+                structure=units.structure(model) if structure == "units" else None)
     return [p.detach().clone() for p in model.parameters()], [r["sparsity"] for r in records]
 
 
@@ -78,7 +80,7 @@ def test_layers_are_owned_in_contiguous_balanced_shares(monkeypatch, size):
                         ("get_backend", "gloo")):
         monkeypatch.setattr(dist, name, lambda value=value: value)
     layers = surgeon.prunable_layers(tiny_llama(layers=4, hidden=32))
-    ranks = surgeon.Ranks(layers)
+    ranks = scale.Ranks(layers)
     shares = list(ranks.owner.values())
     assert shares == sorted(shares) and set(shares) == set(range(size))  # contiguous, all used
     factor = {n: (l.in_features + 1) ** 2 + l.out_features ** 2 for n, l in layers.items()}
@@ -91,16 +93,16 @@ def failing_worker(rank, size, store, out):
     """Rank 1 meets a non-finite curvature in one of its layers; every rank must end with it."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=size)
-    real = surgeon.check_finite
+    real = scale.check_finite
 
     def check_finite(factors):
         if rank == 1:
             raise ValueError(f"non-finite curvature A (inputs) in layer {next(iter(factors))}")
         return real(factors)
-    surgeon.check_finite = check_finite
+    scale.check_finite = check_finite
     try:
-        surgeon.prune(tiny_llama(), calib(), Settings(sparsity=0.3, structure="unstructured",
-                                                      shots=2))
+        scale.prune(tiny_llama(), calib(), Settings(sparsity=0.3, structure="unstructured",
+                                                    shots=2))
         message = "no error"
     except ValueError as err:
         message = str(err)

@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+import command
 import run_opt
 import surgeon
 from conftest import args_for, make_files
@@ -399,7 +400,7 @@ def test_save_every_k_shots_keeps_each_model_as_it_was_then(files, tmp_path, mod
                               str(files / "test.txt"), "--seqlen", "32", "--eval-windows", "4"])
         assert again["ppl_dense"] == pytest.approx(shot["ppl"], rel=1e-5)
         assert again["params_dense"] == shot["params_compact"]
-        marker = json.loads((tmp_path / f"every-shot-{k}" / run_opt.SAVED).read_text())
+        marker = json.loads((tmp_path / f"every-shot-{k}" / command.SAVED).read_text())
         assert (marker["shot"], marker["sparsity"]) == (k, shot["sparsity"])
         sizes.append(shot["params_compact"])
     assert record["params_dense"] > sizes[0] > sizes[1] > record["params_compact"]
@@ -527,7 +528,7 @@ def test_sigterm_is_treated_as_ctrl_c(files, tmp_path, monkeypatch, capsys, unin
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"terminated: the last checkpoint is in {tmp_path / 'ckpt'} (after shot 1); run the "
         "same command with --resume to go on")
-    assert signal.getsignal(signal.SIGTERM) is not run_opt.terminate       # handler restored
+    assert signal.getsignal(signal.SIGTERM) is not command.terminate       # handler restored
     monkeypatch.undo()
     run_with_checkpoint(files, tmp_path / "ckpt", tmp_path / "model", "--lora-steps", "2",
                         "--resume")
@@ -671,11 +672,11 @@ def test_block_weights_that_are_not_pruned_are_said(capsys):
     model = torch.nn.Module()
     model.blocks = torch.nn.ModuleList([torch.nn.Sequential(torch.nn.Linear(8, 8),
                                                             Conv1D(24, 8))])
-    run_opt.unpruned(model, surgeon.prunable_layers(model))
+    command.unpruned(model, surgeon.prunable_layers(model))
     out = capsys.readouterr().out
     assert "note: 75.0% of the weights in the blocks' matrices are not pruned" in out
     assert "Conv1D" in out
-    run_opt.unpruned(model.blocks[0][0], {"w": model.blocks[0][0]})     # nothing left: silent
+    command.unpruned(model.blocks[0][0], {"w": model.blocks[0][0]})     # nothing left: silent
     assert capsys.readouterr().out == ""
 
 
@@ -742,7 +743,7 @@ def test_every_long_stage_shows_progress(files, capsys):
                   "shot 1/1 low-rank", "eval pruned"):
         assert stage in err, stage
     import time
-    with run_opt.working("tokenize train.txt"):           # shown once it takes a second
+    with command.working("tokenize train.txt"):           # shown once it takes a second
         time.sleep(1.6)
     assert "tokenize train.txt: 00:01" in capsys.readouterr().err
 
@@ -753,7 +754,7 @@ def test_a_hub_id_without_a_hub_fails_in_seconds(capsys, monkeypatch):
     from huggingface_hub import constants
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(run_opt, "hub_reachable", lambda timeout=3.0: False)     # as here
+    monkeypatch.setattr(command, "hub_reachable", lambda timeout=3.0: False)     # as here
     tic = time.time()
     with pytest.raises(SystemExit) as exit:
         run_opt.main(["--model", "facebook/opt-nonexistent-125m", "--sparsity", "0"])
@@ -774,7 +775,7 @@ def test_the_hub_probe_answers_fast_without_a_hub(monkeypatch):
         port = s.getsockname()[1]                     # bound, not listening: refused
         monkeypatch.setattr(constants, "ENDPOINT", f"https://127.0.0.1:{port}")
         tic = time.time()
-        assert not run_opt.hub_reachable()
+        assert not command.hub_reachable()
     assert time.time() - tic < 5
 
 
@@ -790,10 +791,10 @@ def test_ranks_other_than_0_check_the_outputs_too_writing_nothing(files, tmp_pat
     (tmp_path / "file.txt").write_text("mine")
     monkeypatch.setenv("RANK", "1")
     before = sorted(p.name for p in tmp_path.rglob("*"))
-    args = run_opt.parse_args(args_for(files, "llama", *(e.format(tmp=tmp_path) for e in extra)))
+    args = command.parse_args(args_for(files, "llama", *(e.format(tmp=tmp_path) for e in extra)))
     if message is None:
-        run_opt.validate(args)
+        command.validate(args)
     else:
-        with pytest.raises(run_opt.Failure, match=message.replace("(", r"\(").replace(")", r"\)")):
-            run_opt.validate(args)
+        with pytest.raises(command.Failure, match=message.replace("(", r"\(").replace(")", r"\)")):
+            command.validate(args)
     assert sorted(p.name for p in tmp_path.rglob("*")) == before

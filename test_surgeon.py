@@ -4,13 +4,15 @@
 F = G (x) A on tiny layers, KFAC against explicit per-token autograd, the global threshold's
 counting, and end to end on tiny random OPT and Llama models. Nothing is downloaded."""
 import itertools
+import os
 
 import pytest
 import torch
 import torch.nn as nn
 
-import surgeon
 import compact
+import scale
+import surgeon
 from surgeon import (Settings, column_costs, element_costs, remove_elements, remove_rows_columns,
                      row_costs)
 from conftest import (calib, linear_of, mask_of, obs, tiny_layer, tiny_llama, tiny_opt,
@@ -118,7 +120,7 @@ def test_remove_elements_in_row_chunks(max_correlate):
             chunk.append(r)
             size += int(Q[r].sum())
     expected[Q] = 0
-    got = remove_elements(W, A_inv, G_inv, Q, max_correlate, fast=False)
+    got = remove_elements(W, A_inv, G_inv, Q, max_correlate)
     assert torch.allclose(got, expected, atol=1e-10)
 
 
@@ -128,12 +130,12 @@ def test_remove_elements_fast_path_equals_the_plain_version(max_correlate, lazy_
                                                             monkeypatch):
     """The lazy blocks of updates (one row a block, several, all rows in one) and the plain loop
     over chunks give the same weights; dead rows and columns included."""
-    monkeypatch.setattr(surgeon, "LAZY_ROWS", lazy_rows)
+    monkeypatch.setattr(scale, "LAZY_ROWS", lazy_rows)
     W, A, G, A_inv, G_inv = tiny_layer(m=9, n=7, seed=6)
     A_inv[3], A_inv[:, 3], G_inv[2], G_inv[:, 2] = 0, 0, 0, 0          # dead: no solve
     Q = torch.rand(W.shape, generator=torch.Generator().manual_seed(6)) < 0.35
-    fast = remove_elements(W, A_inv, G_inv, Q, max_correlate)
-    plain = remove_elements(W, A_inv, G_inv, Q, max_correlate, fast=False)
+    fast = scale.remove_elements_lazily(W, A_inv, G_inv, Q, max_correlate)
+    plain = remove_elements(W, A_inv, G_inv, Q, max_correlate)
     assert torch.allclose(fast, plain, atol=1e-12, rtol=0) and (fast[Q] == 0).all()
 
 
@@ -260,11 +262,11 @@ def test_dead_rows_and_columns_cost_nothing_and_stay_out_of_updates():
     cand = surgeon.RowCol().candidates(q, s)
     assert cand.cost[4 + 2] == surgeon.REMOVED                 # all zero: always taken
     assert cand.cost[1] == 0                                   # dead, not zero: free, not forced
-    untaken = surgeon.RowCol().update(q, torch.zeros(8, dtype=torch.bool), cand, s)
+    untaken = surgeon.RowCol().update(q, torch.zeros(8, dtype=torch.bool), cand, s, None)
     assert torch.equal(untaken[1], W[1]) and (untaken[:, 2] == 0).all()
     taken = torch.zeros(8, dtype=torch.bool)
     taken[[1, 6, 3]] = True                                    # rows 1, 3 and column 2
-    new = surgeon.RowCol().update(q, taken, cand, s)
+    new = surgeon.RowCol().update(q, taken, cand, s, None)
     assert (new[[1, 3]] == 0).all() and (new[:, 2] == 0).all()
     # the same removal by the oracle on the live coordinates only
     sub = obs(W[live_r][:, live_c], q.A_hat[live_c][:, live_c], q.G_hat[live_r][:, live_r],
@@ -339,16 +341,13 @@ def test_radix_select_equals_the_plain_sort(seed):
         k = max(k, int((flat == surgeon.REMOVED).sum()))
         want = torch.zeros(len(flat), dtype=torch.bool)
         want[order[:k]] = True
-        one = ranks_of([(1, 1)])
-        plain = surgeon.threshold_select(costs, gains, target, zeros, one, fast=False)
-        fast = surgeon.threshold_select(costs, gains, target, zeros, one)
+        plain = surgeon.threshold_select(costs, gains, target, zeros)
+        fast = scale.radix_select(costs, gains, target, zeros, scale.Fast())
         assert torch.equal(torch.cat(plain), want) and torch.equal(torch.cat(fast), want), target
 
 
-def ranks_of(shapes):
-    """OneProcess over layers of these (m, n) shapes (no weights)."""
-    return surgeon.OneProcess({str(i): nn.Linear(n, m, bias=False, device="meta")
-                          for i, (m, n) in enumerate(shapes)})
+RUNTIMES = pytest.mark.parametrize("rt", [surgeon.Runtime(), scale.Fast()],
+                                   ids=["plain", "fast"])
 
 
 def layers_with_zeros(shapes, seed, fraction):
@@ -356,9 +355,10 @@ def layers_with_zeros(shapes, seed, fraction):
     return [torch.rand(m, n, generator=gen) >= fraction for m, n in shapes]
 
 
+@RUNTIMES
 @pytest.mark.parametrize("target", [0, 1, 17, 40, 61, 90])
 @pytest.mark.parametrize("fraction", [0.0, 0.1])
-def test_select_rowcol_counts_overlap_and_existing_zeros_exactly(target, fraction):
+def test_select_rowcol_counts_overlap_and_existing_zeros_exactly(target, fraction, rt):
     """A row adds only the nonzero weights that are not in a column taken before it."""
     gen = torch.Generator().manual_seed(target)
     shapes = [(4, 6), (5, 3), (3, 3)]
@@ -367,14 +367,15 @@ def test_select_rowcol_counts_overlap_and_existing_zeros_exactly(target, fractio
     costs[1][2] = surgeon.REMOVED                              # an already removed row
     zeros = sum(int((~nz).sum()) for nz in nonzero)
     cands = [surgeon.LineCandidates(c, nz) for c, nz in zip(costs, nonzero)]
-    got = surgeon.RowCol().select(cands, target, zeros, ranks_of(shapes))
+    got = surgeon.RowCol().select(cands, target, zeros, rt)
     for a, b in zip(got, greedy(costs, nonzero, "rowcol", target)):
         assert torch.equal(a, b)
 
 
+@RUNTIMES
 @pytest.mark.parametrize("structure", ["unstructured", "2:4"])
 @pytest.mark.parametrize("target", [0, 5, 23, 50, 71])
-def test_select_elements_and_groups_count_existing_zeros(structure, target):
+def test_select_elements_and_groups_count_existing_zeros(structure, target, rt):
     """Costs of weights or groups with what each adds to the zeros (a 2:4 group: the nonzeros of
     its pair; here a pair is 2 consecutive entries of the pattern), ties included."""
     gen = torch.Generator().manual_seed(target)
@@ -386,7 +387,7 @@ def test_select_elements_and_groups_count_existing_zeros(structure, target):
         c[g == 0] = surgeon.REMOVED
     zeros = sum(int((~nz).sum()) for nz in nonzero)
     cands = [surgeon.Candidates(c, g) for c, g in zip(costs, gains)]
-    got = surgeon.structure_of(structure).select(cands, target, zeros, ranks_of([(6, 8), (3, 8)]))
+    got = surgeon.structure_of(structure).select(cands, target, zeros, rt)
     for a, b in zip(got, greedy(costs, nonzero, structure, target)):
         assert torch.equal(a, b)
     added = sum(int(g[t].sum()) for g, t in zip(gains, got))
@@ -441,15 +442,15 @@ def test_blocked_gram_equals_the_plain_product(d):
     x = torch.randn(30, d, generator=torch.Generator().manual_seed(d))
     S, plain = torch.zeros(d, d), torch.zeros(d, d)
     for X in (x, 2 * x):
-        surgeon.add_gram(S, X)
-        surgeon.add_gram(plain, X, fast=False)
-    assert torch.allclose(surgeon.mirror(S), plain, rtol=1e-5, atol=1e-5)
+        scale.add_gram(S, X)
+        plain.addmm_(X.T, X)                                      # surgeon.Recorder's
+    assert torch.allclose(scale.mirror(S), plain, rtol=1e-5, atol=1e-5)
     assert torch.allclose(plain, 5 * x.T @ x, rtol=1e-5, atol=1e-5)
 
 
 def test_flat_gather_is_the_submatrix():
     X, idx = torch.randn(7, 7, dtype=torch.float64), torch.tensor([5, 0, 3, 3])
-    assert torch.equal(surgeon._submatrix(X, idx), X[idx][:, idx])
+    assert torch.equal(scale.submatrix(X, idx), X[idx][:, idx])
 
 
 def test_next_token_loss_is_each_sequences_mean_over_its_labelled_tokens():
@@ -750,18 +751,18 @@ def test_bad_settings(kwargs, message):
     model = tiny_opt()
     before = weights(model)
     with pytest.raises(ValueError, match=message):
-        surgeon.prune(model, calib(), Settings(**kwargs))
+        scale.prune(model, calib(), Settings(**kwargs))
     assert all(torch.equal(a, b) for a, b in zip(before, weights(model)))
 
 
 def test_bad_models_and_data():
     with pytest.raises(ValueError, match="no prunable"):
-        surgeon.prune(nn.Sequential(nn.Embedding(4, 4)), calib(4), Settings())
+        scale.prune(nn.Sequential(nn.Embedding(4, 4)), calib(4), Settings())
     with pytest.raises(ValueError, match="empty"):
-        surgeon.prune(tiny_opt(), [], Settings())
+        scale.prune(tiny_opt(), [], Settings())
     odd = nn.Sequential(nn.Embedding(50, 6), nn.Linear(6, 50))
     with pytest.raises(ValueError, match="divisible by 4"):
-        surgeon.prune(odd, calib(), Settings(structure="2:4"))
+        scale.prune(odd, calib(), Settings(structure="2:4"))
 
 
 def test_non_finite_curvature_names_the_layer():
@@ -770,7 +771,7 @@ def test_non_finite_curvature_names_the_layer():
         model.model.decoder.embed_tokens.weight[5] = float("inf")
     before = weights(model)
     with pytest.raises(ValueError, match="non-finite curvature .* in layer .*damping"):
-        surgeon.prune(model, [torch.tensor([[1, 5, 2, 3]])], Settings(structure="unstructured"))
+        scale.prune(model, [torch.tensor([[1, 5, 2, 3]])], Settings(structure="unstructured"))
     assert all(torch.equal(a, b, ) or not torch.isfinite(a).all()
                for a, b in zip(before, weights(model)))
 
@@ -853,8 +854,8 @@ def test_update_of_a_bf16_layer_is_the_float32_update_rounded(structure):
         q = surgeon.quadratic(layer, A.float(), G.float(), s)
         structure_ = surgeon.structure_of(structure)
         cand = structure_.candidates(q, s)
-        taken = structure_.select([cand], 12, 0, surgeon.OneProcess({"layer": layer}))[0]
-        new = structure_.update(q, taken, cand, s)
+        taken = structure_.select([cand], 12, 0, scale.Fast())[0]
+        new = structure_.update(q, taken, cand, s, scale.Fast())
         surgeon.set_matrix(layer, new)
         out[dtype] = (new, layer.weight.detach().clone())
     assert torch.equal(out[torch.bfloat16][0], out[torch.float32][0])       # the same float64
@@ -930,11 +931,11 @@ def test_compact_after_rowcol_pruning_keeps_logits(make):
 def test_out_of_memory_for_factors_says_how_much_and_what_to_do(monkeypatch):
     def no_room(S, x):
         raise torch.OutOfMemoryError("CUDA out of memory")
-    monkeypatch.setattr(surgeon, "add_gram", no_room)
+    monkeypatch.setattr(scale, "add_gram", no_room)
     model = tiny_opt()
     layers = surgeon.prunable_layers(model)
     with pytest.raises(MemoryError, match=r"about \d+\.\d GiB.*curvature_device='cpu'"):
-        surgeon.kfac_factors(model, layers, calib())
+        scale.Fast().factors(model, layers, calib())
     assert all(not l._forward_hooks for l in layers.values())
 
 
@@ -950,5 +951,80 @@ def test_factors_on_a_chosen_device_match():
     source = {"q_proj": "q_proj", "k_proj": "q_proj", "v_proj": "q_proj", "o_proj": "o_proj",
               "gate_proj": "gate_proj", "up_proj": "gate_proj", "down_proj": "down_proj"}
     source = {n: n.rsplit(".", 1)[0] + "." + source[n.rsplit(".", 1)[1]] for n in layers}
-    assert surgeon.factor_bytes(layers, source) == want        # what the memory model counts
-    assert surgeon.factor_bytes(layers) > want                 # no sharing: an upper bound
+    assert scale.factor_bytes(layers, source) == want          # what the memory model counts
+    assert scale.factor_bytes(layers) > want                   # no sharing: an upper bound
+
+
+# ---------------------------------------------------------------------------------------------
+# surgeon.py on its own, and scale.py's runtime against it
+
+
+ALONE = """
+import json, sys
+for name in ("units", "scale", "compact", "command", "run_opt", "conftest", "benchmarks"):
+    sys.modules[name] = None                      # no other module of the project importable
+import torch
+import surgeon
+from transformers import OPTConfig, OPTForCausalLM
+assert surgeon.__file__.startswith(sys.argv[1]), surgeon.__file__
+out = []
+for kw in json.loads(sys.argv[2]):
+    torch.manual_seed(0)
+    model = OPTForCausalLM(OPTConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2,
+                                     ffn_dim=32, num_attention_heads=2, word_embed_proj_dim=16,
+                                     max_position_embeddings=64)).eval()
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, 50, (2, 12), generator=gen) for _ in range(3)]
+    report = surgeon.prune(model, batches, surgeon.Settings(**kw))
+    groups = [(layer.weight == 0).reshape(-1, 4).sum(1).min().item()
+              for layer in surgeon.prunable_layers(model).values()]
+    out.append({"sparsity": report["sparsity"], "shots": len(report["shots"]),
+                "least_zeros_of_4": min(groups)})
+print(json.dumps(out))
+"""
+
+
+def test_surgeon_py_alone_prunes_a_tiny_model(tmp_path):
+    """surgeon.py copied alone into an empty folder prunes there, with no other module of the
+    project importable: unstructured, 2:4, rows and columns with a low-rank step, a baseline;
+    each to its target. Its imports are torch's and the standard library's."""
+    import ast
+    import json
+    import shutil
+    import subprocess
+    import sys
+    shutil.copy(surgeon.__file__, tmp_path / "surgeon.py")
+    imports = {(node.module if isinstance(node, ast.ImportFrom) else alias.name).split(".")[0]
+               for node in ast.walk(ast.parse((tmp_path / "surgeon.py").read_text()))
+               if isinstance(node, (ast.Import, ast.ImportFrom)) for alias in node.names}
+    assert imports <= {"torch", "itertools", "math", "time", "contextlib", "dataclasses"}, imports
+    runs = [dict(structure="unstructured", sparsity=0.5, shots=2),
+            dict(structure="2:4", sparsity=0.5, shots=2),
+            dict(structure="rowcol", sparsity=0.3, shots=2, lora_steps=1),
+            dict(structure="unstructured", sparsity=0.4, shots=1, method="kobd")]
+    proc = subprocess.run([sys.executable, "-c", ALONE, str(tmp_path), json.dumps(runs)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    total = 2 * (4 * 16 * 16 + 2 * 16 * 32)                         # the blocks' weights
+    for run, out in zip(runs, got):
+        assert out["shots"] == run["shots"]
+        line = 32 / total if run["structure"] == "rowcol" else 1 / total      # to one candidate
+        want = round(run["sparsity"] * total) / total                 # the target, in weights
+        assert want <= out["sparsity"] <= want + line, (run, out)
+    assert got[1]["least_zeros_of_4"] == 2                          # 2:4: every group
+
+
+@pytest.mark.parametrize("structure,sparsity", [("unstructured", 0.5), ("2:4", 0.5),
+                                                ("rowcol", 0.3)])
+def test_scale_prune_is_the_plain_prune(structure, sparsity):
+    """scale.prune (blocked Gram sums, lazy element updates, radix select) against
+    surgeon.prune's plain code: the same weights removed, the rest to float rounding."""
+    models = [tiny_llama(), tiny_llama()]
+    s = Settings(sparsity=sparsity, structure=structure, shots=2)
+    surgeon.prune(models[0], calib(), s)
+    scale.prune(models[1], calib(), s)
+    for a, b in zip(*(surgeon.prunable_layers(m).values() for m in models)):
+        assert torch.equal(a.weight == 0, b.weight == 0)
+        assert torch.allclose(a.weight, b.weight, atol=1e-5, rtol=1e-4)

@@ -7,14 +7,23 @@ import torch
 
 import compact
 import surgeon
-from surgeon import Settings, UnitGroup
+import units as units_
+from surgeon import Settings
+from units import UnitGroup
 from conftest import calib, linear_of, make_files, mask_of, obs, tiny_layer, tiny_llama, tiny_opt
 
 
-def one_layer_units(axis, width, m, n):
-    """One layer 'l' whose rows (or columns) are units of `width` lines, each its own cut."""
+def one_layer_units(axis, width, m, n, cost="cut"):
+    """One layer 'l' (m, n) whose rows (or columns) are units of `width` lines, each its own cut."""
     count = (m if axis == "rows" else n) // width
-    return UnitGroup(count, [("l", axis, width)], [0])
+    return structure([UnitGroup(count, [("l", axis, width)], [0])], cost, l=(m, n))
+
+
+def structure(groups, cost="cut", **shapes):
+    """units.Units over layers of these (out, in) shapes, in this order (no weights)."""
+    layers = {name: torch.nn.Linear(n, m, bias=False, device="meta")
+              for name, (m, n) in shapes.items()}
+    return units_.Units(groups, layers, cost)
 
 
 @pytest.mark.parametrize("axis,width", [("rows", 1), ("rows", 2), ("rows", 3), ("cols", 1),
@@ -27,7 +36,7 @@ def test_cut_costs_are_the_joint_obs_cost_of_the_lines(axis, width, bias):
     n_in = 8
     s = Settings(structure="units", damp_a=0.3, damp_g=0.2, damp_costs=True)
     quad = surgeon.quadratic(linear_of(W, n_in), A, G, s, name="l")
-    units = surgeon.Units([one_layer_units(axis, width, 6, n_in)])
+    units = one_layer_units(axis, width, 6, n_in)
     cost = units.candidates(quad, s).cost.double()
     k = W.shape[1]
     A_hat = A + 0.3 * A.diagonal().mean() * torch.eye(k, dtype=A.dtype)
@@ -46,7 +55,7 @@ def test_cut_costs_of_the_baselines_are_the_quadratic_form(method):
     F = torch.kron(G if method == "kobd" else torch.eye(6, dtype=G.dtype),
                    A if method != "magnitude" else torch.eye(8, dtype=A.dtype))
     for axis in ("rows", "cols"):
-        cost = surgeon.Units([one_layer_units(axis, 2, 6, 8)]).candidates(quad, s).cost.double()
+        cost = one_layer_units(axis, 2, 6, 8).candidates(quad, s).cost.double()
         for b in range(len(cost)):
             lines = range(2 * b, 2 * b + 2)
             Q = (mask_of(W.shape, rows=lines) if axis == "rows"
@@ -59,15 +68,15 @@ def test_the_update_is_the_cut_layers_obs_update_and_dead_lines_zeroed():
     """Two layers: unit u's cut rows in 'a' by OBS, its dead columns of 'b' zeroed alone."""
     W, A, G, A_inv, G_inv = tiny_layer(m=6, n=8, seed=13)
     group = UnitGroup(3, [("a", "rows", 2), ("b", "cols", 2)], [0])
-    units = surgeon.Units([group])
-    taken = units._layer_lines("a", torch.tensor([True, False, True]), torch.zeros(3, dtype=torch.long))
+    units = structure([group], a=(6, 8), b=(8, 6))
+    taken = units.lines_of("a", torch.tensor([True, False, True]), torch.zeros(3, dtype=torch.long))
     s = Settings(structure="units", damp_a=0, damp_g=0)
     quad = surgeon.quadratic(linear_of(W, 8), A, G, s, name="a")
-    new = units.update(quad, taken, None, s)
+    new = units.update(quad, taken, None, s, None)
     assert torch.allclose(new, obs(W, A, G, mask_of(W.shape, rows=[0, 1, 4, 5]))[0], atol=1e-10)
-    dead = units._layer_lines("b", torch.tensor([True, False, True]), torch.zeros(3, dtype=torch.long))
+    dead = units.lines_of("b", torch.tensor([True, False, True]), torch.zeros(3, dtype=torch.long))
     quad_b = surgeon.quadratic(linear_of(W, 8), A, G, s, name="b")
-    new_b = units.update(quad_b, dead, None, s)
+    new_b = units.update(quad_b, dead, None, s, None)
     keep = [2, 3, 6, 7]
     assert (new_b[:, [0, 1, 4, 5]] == 0).all() and torch.equal(new_b[:, keep], W[:, keep])
 
@@ -92,14 +101,15 @@ def greedy_units(costs, own, shared, k, target, zeros):
 def test_select_counts_shared_grouped_query_lines_with_the_last_of_their_heads(target):
     """Six query heads in layer q, two key-value heads in layer k shared by three each."""
     gen = torch.Generator().manual_seed(target)
-    units = surgeon.Units([UnitGroup(6, [("q", "rows", 1)], [0], [("k", "rows", 1, 3)])])
+    units = structure([UnitGroup(6, [("q", "rows", 1)], [0], [("k", "rows", 1, 3)])],
+                      q=(6, 1), k=(2, 1))
     costs = torch.rand(6, generator=gen)
     own = torch.randint(0, 40, (6,), generator=gen)
     own[4] = 0                                                   # all zero already
     shared = torch.randint(1, 30, (2,), generator=gen)
-    cands = [surgeon.UnitCandidates(costs, own), surgeon.UnitCandidates(costs[:0], shared)]
-    one = surgeon.OneProcess({"q": torch.nn.Linear(1, 6), "k": torch.nn.Linear(1, 2)})
-    got = units.select(cands, target, 5, one)
+    cands = [units_.UnitCandidates("q", costs, own),
+             units_.UnitCandidates("k", costs[:0], shared)]
+    got = units.select(cands, target, 5, surgeon.Runtime())
     want = greedy_units(costs.tolist(), own.tolist(), shared.tolist(), 3, target, 5)
     assert sorted(got[0][("rows", "cut")].tolist()) == sorted(want)
     dead_kv = [b for b in range(2) if all(u in want for u in range(3 * b, 3 * b + 3))]
@@ -114,15 +124,15 @@ def test_units_reach_the_target_and_go_whole(make, method):
     """Every shot on its target to one unit; every unit keeps all its lines or none; the
     compacted model computes the same and keeps no zero line."""
     model = make()
-    groups = compact.units(model)
+    groups = units_.find(model)
     layers = surgeon.prunable_layers(model)
     total = sum(layer.weight.numel() for layer in layers.values())
     biggest = max(sum(w * (layers[l].in_features if a == "rows" else layers[l].out_features)
                       for l, a, w in [*g.lines, *(x[:3] for x in g.shared)]) for g in groups)
     shots = []
     surgeon.prune(model, calib(), Settings(sparsity=0.3, structure="units", shots=3,
-                                           method=method, lora_steps=2), units=groups,
-                  on_shot=shots.append)
+                                           method=method, lora_steps=2),
+                  on_shot=shots.append, structure=units_.Units(groups, layers))
     for t, shot in enumerate(shots, 1):
         assert 0.1 * t - 1e-9 <= shot["sparsity"] <= 0.1 * t + biggest / total, t
     for g in groups:
@@ -141,11 +151,16 @@ def test_units_reach_the_target_and_go_whole(make, method):
 
 def test_units_need_their_groups_and_lines_that_fit():
     model = tiny_llama()
-    with pytest.raises(ValueError, match="needs the model's units"):
+    with pytest.raises(ValueError, match="units.py"):
         surgeon.prune(model, calib(), Settings(sparsity=0.2, structure="units"))
+    with pytest.raises(ValueError, match="found no heads or MLP units"):
+        units_.prune(torch.nn.Sequential(torch.nn.Embedding(50, 8), torch.nn.Linear(8, 50)),
+                     calib(), Settings(sparsity=0.2, structure="units"))
     bad = [UnitGroup(7, [("model.layers.0.mlp.gate_proj", "rows", 1)], [0])]
     with pytest.raises(ValueError, match="do not match a prunable layer"):
-        surgeon.prune(model, calib(), Settings(sparsity=0.2, structure="units"), units=bad)
+        units_.Units(bad, surgeon.prunable_layers(model))
+    with pytest.raises(ValueError, match="prunes structure 'units'"):
+        units_.prune(model, calib(), Settings(sparsity=0.2, structure="rowcol"))
 
 
 def test_uneven_grouped_query_heads_compact_and_load_with_from_pretrained(tmp_path):
@@ -182,17 +197,15 @@ def test_unit_cost_lines_sums_every_line_and_still_updates_through_the_cheapest_
     W, A, G, _, _ = tiny_layer(m=6, n=8, seed=14)
     s = Settings(structure="units", damp_a=0.3, damp_g=0.2)
     group = UnitGroup(3, [("a", "rows", 2), ("b", "cols", 2)], [0, 1])
-    layers = {"a": torch.nn.Linear(8, 6, bias=False), "b": torch.nn.Linear(6, 8, bias=False)}
-    one = surgeon.OneProcess(layers)
     quads = {"a": surgeon.quadratic(linear_of(W, 8), A, G, s, name="a"),
              "b": surgeon.quadratic(linear_of(W.T.contiguous(), 6), G, A, s, name="b")}
-    rows = surgeon.Units([group]).candidates(quads["a"], s).cost
-    cols = surgeon.Units([group]).candidates(quads["b"], s).cost
+    rows = structure([group], a=(6, 8), b=(8, 6)).candidates(quads["a"], s).cost
+    cols = structure([group], a=(6, 8), b=(8, 6)).candidates(quads["b"], s).cost
     for mode, want in (("cut", torch.minimum(rows, cols)), ("lines", rows + cols)):
-        units = surgeon.Units([group], mode)
+        units = structure([group], mode, a=(6, 8), b=(8, 6))
         cands = [units.candidates(quads[n], s) for n in ("a", "b")]
         cheapest = int(want.argmin())
-        taken = units.select(cands, 1, 0, one)                 # one unit: the cheapest
+        taken = units.select(cands, 1, 0, surgeon.Runtime())   # one unit: the cheapest
         side = ("a", ("rows", "cut")) if rows[cheapest] <= cols[cheapest] else \
             ("b", ("cols", "cut"))
         got = taken[0 if side[0] == "a" else 1][side[1]].tolist()
@@ -201,7 +214,7 @@ def test_unit_cost_lines_sums_every_line_and_still_updates_through_the_cheapest_
 
 def test_unit_cost_must_be_cut_or_lines():
     with pytest.raises(ValueError, match="unit_cost must be 'cut' or 'lines'"):
-        surgeon.check(Settings(structure="units", unit_cost="sum"))
+        units_.Units(units_.find(tiny_opt()), surgeon.prunable_layers(tiny_opt()), "sum")
 
 
 @pytest.mark.parametrize("make", [tiny_opt, lambda: tiny_llama(vocab=300, hidden=32, heads=4,
@@ -213,8 +226,8 @@ def test_compaction_pads_mlps_to_a_multiple_and_reloads(make, multiple, tmp_path
     loads with from_pretrained(trust_remote_code=True) to the same shapes and logits."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     model = make()
-    mlps = [m for m in model.modules() if compact._kind(m) in ("ungated", "gated")]
-    down = [compact._mlp(m, compact._kind(m))[1] for m in mlps]
+    mlps = [m for m in model.modules() if units_.kind_of(m) in ("ungated", "gated")]
+    down = [units_.mlp_of(m, units_.kind_of(m))[1] for m in mlps]
     width = down[0].in_features
     with torch.no_grad():
         down[0].weight[:, [1, 4, 7]] = 0

@@ -3,7 +3,8 @@ same tiny random OPT and Llama models and text, compared by what they save.
 
     python benchmarks/bitwise.py ae743e5            # exit 0 when every case is identical
 
-Cases: both models; unstructured, 2:4, 4:8 and rows and columns (with their low-rank steps);
+Cases: both models; unstructured, 2:4, 4:8, rows and columns, heads and MLP units (the last two
+with their low-rank steps);
 each of the four methods; bfloat16 weights; 2 processes (torchrun, gloo); and the peers' own
 command lines (SparseGPT, Wanda, SliceGPT; their records only). The saved tensors must be equal
 bit for bit, and the records' perplexities and sparsities equal to every digit. The earlier commit is taken from git (`git archive`) into a temporary
@@ -21,7 +22,8 @@ import tempfile
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
-STRUCTURES = [("unstructured", "0.5"), ("2:4", "0.5"), ("4:8", "0.4"), ("rowcol", "0.3")]
+STRUCTURES = [("unstructured", "0.5"), ("2:4", "0.5"), ("4:8", "0.4"), ("rowcol", "0.3"),
+              ("units", "0.3")]
 METHODS = ("surgeon", "kobd", "lobd", "magnitude")
 CASES = {f"{model}-{structure}-{method}": (model, ["--structure", structure, "--sparsity", sparsity,
                                                    "--method", method])
@@ -38,7 +40,8 @@ PEERS = {"llama-sparsegpt-2:4": ("sparsegpt_wanda", ["--method", "sparsegpt", "-
 SCRIPTS = {"sparsegpt_wanda": ("benchmarks/peers/sparsegpt_wanda.py", "benchmarks/peers.py"),
            "slicegpt": ("benchmarks/peers/slicegpt.py", "benchmarks/slicegpt.py")}  # now, before
 RANKS = {f"{model}-{structure}-2-ranks": (model, ["--structure", structure, "--sparsity", sparsity])
-         for model, (structure, sparsity) in (("llama", STRUCTURES[3]), ("opt", STRUCTURES[0]))}
+         for model, (structure, sparsity) in (("llama", STRUCTURES[3]), ("opt", STRUCTURES[0]),
+                                              ("llama", STRUCTURES[4]))}
 
 # one process runs every single-process case of a tree (transformers is imported once)
 DRIVER = """

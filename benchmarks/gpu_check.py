@@ -30,6 +30,7 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
 import run_opt   # noqa: E402
+import scale     # noqa: E402
 import scaling   # noqa: E402
 import surgeon   # noqa: E402
 
@@ -106,7 +107,7 @@ def timed_run(shape, run, args, device):
                                 lora_steps=lora_steps)
     tic = time.perf_counter()
     try:
-        surgeon.prune(model, batches, settings, on_shot=on_shot)
+        scale.prune(model, batches, settings, on_shot=on_shot)
     except Enough:
         pass
     seconds = time.perf_counter() - tic
@@ -203,7 +204,7 @@ def main(argv=None):
             print("  " + line)
         write()
     shapes = ["tiny"] if args.cpu else ["OPT-125m", "OPT-1.3B"]
-    with surgeon.highest_precision():
+    with scale.highest_precision():
         for shape in shapes:
             for run in RUNS:
                 record["runs"].append(timed_run(shape, run, args, device))

@@ -15,6 +15,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import run_opt  # noqa: E402
+import scale  # noqa: E402
 import surgeon  # noqa: E402
 
 
@@ -41,7 +42,7 @@ def main():
         model.zero_grad(set_to_none=True)
 
     def kfac():
-        surgeon.kfac_factors(model, layers, batches)
+        scale.Fast().factors(model, layers, batches)
 
     best = {"plain": float("inf"), "kfac": float("inf")}
     for _ in range(args.repeats):

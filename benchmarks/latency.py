@@ -24,6 +24,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))          # run as a script: the repository's modules
 
+import command    # noqa: E402
 import run_opt    # noqa: E402
 from benchmarks.peers import slicegpt   # noqa: E402
 
@@ -60,9 +61,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("models", nargs="+", metavar="NAME=FOLDER")
     p.add_argument("--test-file")
-    p.add_argument("--seqlen", type=run_opt.positive, default=512)
-    p.add_argument("--eval-windows", type=run_opt.positive, default=64)
-    p.add_argument("--rounds", type=run_opt.positive, default=7)
+    p.add_argument("--seqlen", type=command.positive, default=512)
+    p.add_argument("--eval-windows", type=command.positive, default=64)
+    p.add_argument("--rounds", type=command.positive, default=7)
     p.add_argument("--json")
     args = p.parse_args(argv)
     pairs = [m.split("=", 1) for m in args.models]

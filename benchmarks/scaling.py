@@ -49,12 +49,12 @@ def predict(layers, source, structure):
     """Bytes by the memory model: KFAC factors (float32, one A per input), costs
     (cost_bytes_per_weight), and the float64 workspace of the largest layer (workspace_bytes).
     The caller adds the model."""
-    import surgeon
+    import scale
     n_weights = sum(l.weight.numel() for l in layers.values())
     per_candidate = cost_bytes_per_weight(structure)
     workspace = max(workspace_bytes(l.out_features, l.in_features + (l.bias is not None))
                     for l in layers.values())
-    return {"factors": surgeon.factor_bytes(layers, source), "costs": int(per_candidate * n_weights),
+    return {"factors": scale.factor_bytes(layers, source), "costs": int(per_candidate * n_weights),
             "workspace": workspace}
 
 
@@ -99,8 +99,8 @@ def per_rank_bytes(name, ranks, dtype_bytes, structure, seqlen=2048):
     b = int(bias)
     layers = [(m, n, f"{i}.{src}") for i in range(blocks) for m, n, src in block_layers(d, f, kv,
                                                                                          bias)]
-    import surgeon
-    owner = surgeon.Ranks.split([(m, n) for m, n, _ in layers], ranks)
+    import scale
+    owner = scale.Ranks.split([(m, n) for m, n, _ in layers], ranks)
     weights = sum(m * n for m, n, _ in layers)
     params = weights + (vocab * d if bias else 2 * vocab * d) + (2048 * d if bias else 0)
     worst = {}
@@ -125,13 +125,14 @@ def predict_folder(folder, dtype_bytes, structure, seqlen, ranks=1):
     measured here) included, and "peak"."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
+    import scale
     import surgeon
     config = AutoConfig.from_pretrained(folder)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     layers = surgeon.prunable_layers(model)
     shapes = [(l.out_features, l.in_features, l.bias is not None) for l in layers.values()]
-    owner = surgeon.Ranks.split([(m, n) for m, n, _ in shapes], ranks)
+    owner = scale.Ranks.split([(m, n) for m, n, _ in shapes], ranks)
     names, worst = list(layers), None
     for r in range(ranks):
         mine = {n: layers[n] for n, o in zip(names, owner) if o == r}
@@ -199,6 +200,7 @@ def against(paths):
 def one(width, args):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
+    import scale
     import surgeon
     base = rss_mb()
     torch.manual_seed(0)
@@ -215,7 +217,7 @@ def one(width, args):
     s = surgeon.Settings(sparsity=args.sparsity, structure=args.structure, shots=1,
                          max_correlate=args.max_correlate)
     tic = time.perf_counter()
-    report = surgeon.prune(model, batches, s)
+    report = scale.prune(model, batches, s)
     seconds = report["shots"][0]["seconds"]
     rec = surgeon.Recorder("cpu")                              # which layers share an input
     hooks = {layer: rec.forward_hook(name) for name, layer in layers.items()}

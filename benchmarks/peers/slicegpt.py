@@ -32,8 +32,9 @@ import torch.nn as nn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)                 # run as a script: the repository's modules
+import command  # noqa: E402
 import run_opt  # noqa: E402
-import surgeon  # noqa: E402
+import scale  # noqa: E402
 from benchmarks.peers.sparsegpt_wanda import add_data_flags, block_inputs  # noqa: E402
 
 SPEC = "slicegpt.json"                   # beside a saved model: what `load` rebuilds
@@ -380,18 +381,18 @@ def load(folder):
 
 
 def main(argv=None):
-    return run_opt.command_line(run, argv)
+    return command.command_line(run, argv)
 
 
 def run(argv=None):
-    p = run_opt.Parser(description=__doc__.split("\n")[0], formatter_class=run_opt.Help)
+    p = command.Parser(description=__doc__.split("\n")[0], formatter_class=command.Help)
     group = p.add_mutually_exclusive_group(required=True)
-    group.add_argument("--slicing", type=run_opt.fraction,
+    group.add_argument("--slicing", type=command.fraction,
                        help="fraction of the hidden width sliced off (the paper's setting)")
-    group.add_argument("--remove", type=run_opt.fraction,
+    group.add_argument("--remove", type=command.fraction,
                        help="fraction of the blocks' linear weights to remove, the shortcut "
                             "matrices counted as weights kept")
-    group.add_argument("--match-rowcol", type=run_opt.fraction, metavar="F",
+    group.add_argument("--match-rowcol", type=command.fraction, metavar="F",
                        help="as many parameters in the whole model as the dense one keeps with a "
                             "fraction F of its blocks' linear weights removed (rows and columns "
                             "pruned to F, zeros not counted)")
@@ -401,11 +402,11 @@ def run(argv=None):
     p.add_argument("--skip-dense-eval", action="store_true", help="do not evaluate the dense model")
     args = p.parse_args(argv)
     args.dtype = "float32"
-    device = surgeon.check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = scale.check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.json:
-        run_opt.writable_file(args.json, "--json")
+        command.writable_file(args.json, "--json")
     if args.save:
-        run_opt.writable_folder(args.save, "--save", SPEC)
+        command.writable_folder(args.save, "--save", SPEC)
     return run_opt.pipeline(args, device, Slicer(args))
 
 

@@ -74,13 +74,14 @@ def authors(src, model_dir, windows_file, width, out):
 
 def main():
     sys.path.insert(0, ROOT)             # this project's modules (not in the authors' process)
+    import command
     import run_opt
     from benchmarks.peers import slicegpt
     from benchmarks.peers.sparsegpt_wanda import add_data_flags
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--authors", required=True, help="a checkout of microsoft/TransformerCompression")
     p.add_argument("--python", required=True, help="a Python with their pinned transformers")
-    p.add_argument("--slicing", type=run_opt.fraction, required=True)
+    p.add_argument("--slicing", type=command.fraction, required=True)
     add_data_flags(p)
     args = p.parse_args()
     torch.manual_seed(0)

@@ -25,7 +25,9 @@ import torch.nn as nn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)                 # run as a script: the repository's modules
+import command  # noqa: E402
 import run_opt  # noqa: E402
+import scale  # noqa: E402
 import surgeon  # noqa: E402
 
 METHODS = ("sparsegpt", "wanda")
@@ -170,11 +172,11 @@ def prune(model, windows, method, sparsity=0.0, n=0, m=0, progress=None):
     "updates"."""
     blocks = decoder_blocks(model)
     seconds = {}
-    with surgeon.timed(seconds, "calibration"):
+    with run_opt.timed(seconds, "calibration"):
         calls = block_inputs(model, blocks, windows)
     for block in (progress(blocks) if progress else blocks):
         linears = {name: mod for name, mod in block.named_modules() if isinstance(mod, nn.Linear)}
-        with surgeon.timed(seconds, "calibration"):
+        with run_opt.timed(seconds, "calibration"):
             stats = {name: statistics(method, layer.in_features, layer.weight.device)
                      for name, layer in linears.items()}
             handles = [layer.register_forward_hook(
@@ -186,10 +188,10 @@ def prune(model, windows, method, sparsity=0.0, n=0, m=0, progress=None):
             finally:
                 for h in handles:
                     h.remove()
-        with surgeon.timed(seconds, "updates"):
+        with run_opt.timed(seconds, "updates"):
             for name, layer in linears.items():
                 prune_layer(layer, stats[name][1](), method, sparsity, n, m)
-        with surgeon.timed(seconds, "calibration"):        # inputs of the next block
+        with run_opt.timed(seconds, "calibration"):        # inputs of the next block
             calls = [((_first(block(*args, **kwargs)), *args[1:]), kwargs)
                      for args, kwargs in calls]
     return seconds
@@ -214,24 +216,24 @@ def add_data_flags(p, *extra):
     """run_opt.py's flags for the model, the text, the windows, the device and the record, and
     those of `extra` among --dtype and --save."""
     flags = [("--model", {"default": "facebook/opt-125m"}), ("--train-file", {}),
-             ("--test-file", {}), ("--nsamples", {"type": run_opt.positive, "default": 128}),
-             ("--seqlen", {"type": run_opt.positive}),
-             ("--eval-windows", {"type": run_opt.positive}),
+             ("--test-file", {}), ("--nsamples", {"type": command.positive, "default": 128}),
+             ("--seqlen", {"type": command.positive}),
+             ("--eval-windows", {"type": command.positive}),
              ("--seed", {"type": int, "default": 0}), ("--device", {}), ("--json", {})]
-    optional = {"--dtype": {"choices": run_opt.DTYPES}, "--save": {}}
+    optional = {"--dtype": {"choices": command.DTYPES}, "--save": {}}
     for flag, kw in flags + [(flag, optional[flag]) for flag in extra]:
         p.add_argument(flag, help="as in run_opt.py", **kw)
 
 
 def main(argv=None):
-    return run_opt.command_line(run, argv)
+    return command.command_line(run, argv)
 
 
 def run(argv=None):
-    p = run_opt.Parser(description=__doc__.split("\n")[0], formatter_class=run_opt.Help)
+    p = command.Parser(description=__doc__.split("\n")[0], formatter_class=command.Help)
     p.add_argument("--method", choices=METHODS, required=True)
     p.add_argument("--structure", default="unstructured", help="unstructured or N:M (2:4, ...)")
-    p.add_argument("--sparsity", type=run_opt.fraction, default=0.5,
+    p.add_argument("--sparsity", type=command.fraction, default=0.5,
                    help="unstructured: fraction removed from every layer (default %(default)s); "
                         "N:M removes N/M")
     add_data_flags(p, "--dtype", "--save")
@@ -241,12 +243,12 @@ def run(argv=None):
         n, m = parse_structure(args.structure)
     except argparse.ArgumentTypeError as err:
         p.error(str(err))
-    device = surgeon.check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = scale.check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     args.dtype = args.dtype or ("auto" if device.type == "cuda" else "float32")
     if args.json:
-        run_opt.writable_file(args.json, "--json")
+        command.writable_file(args.json, "--json")
     if args.save:
-        run_opt.writable_folder(args.save, "--save", run_opt.SAVED)
+        command.writable_folder(args.save, "--save", command.SAVED)
     return run_opt.pipeline(args, device, Peer(args.method, args.structure,
                                                n / m if n else args.sparsity, n, m))
 
@@ -260,7 +262,7 @@ class Peer(run_opt.Pruner):
 
     def check_model(self, model, layers, calib):
         if self.n and any(layer.in_features % self.m for layer in layers.values()):
-            run_opt.fail(f"{self.structure} needs input widths divisible by {self.m}")
+            command.fail(f"{self.structure} needs input widths divisible by {self.m}")
 
     def prune(self, model, layers, calib, test, device, record):
         from tqdm import tqdm

@@ -1,0 +1,422 @@
+"""LLM Surgeon at scale: surgeon.py's computation, checked, faster and over several processes.
+
+`prune` is surgeon.prune with everything here, and what run_opt.py runs:
+
+  1. checks before a weight is touched, precision, failure notes and memory notes
+  2. fast kernels, each the same computation as its plain version in surgeon.py (the tests hold
+     them to it): the Gram sums of KFAC as upper blocks, element updates collected over blocks of
+     rows (as SparseGPT), the global threshold as a radix select, a flat gather
+  3. the runtimes (surgeon.py section 8): `Fast`, one process with the fast kernels, and `Ranks`,
+     several processes of torch.distributed, each owning a share of the layers
+  4. access to the weights of layers that accelerate keeps off the device (in host memory or on
+     disk), for a model placed with a device map
+
+Memory. A shot holds the model, the factors (float32, one A per input tensor that several layers
+read, on `curvature_device`), one float32 cost per candidate, and the float64 workspace of one
+layer at a time: its inverses are computed for the costs and again for the update.
+"""
+import math
+from contextlib import contextmanager
+
+import torch
+import torch.nn as nn
+
+import surgeon
+from surgeon import REMOVED, NM, Settings
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. Checks, precision, notes
+
+
+def check(settings: Settings, layers=None, batches=None, structure=None):
+    """Raise ValueError for anything that would fail later, before a weight is touched. Without
+    layers and batches, checks the settings alone; structure: the one that prunes, where it is
+    not settings.structure's (units.py's)."""
+    cfg = settings
+    if structure is None and cfg.structure != "units":
+        structure = surgeon.structure_of(cfg.structure)
+    if cfg.method not in surgeon.METHODS:
+        raise ValueError(f"method must be one of {surgeon.METHODS}, got {cfg.method!r}")
+    if not 0 <= cfg.sparsity < 1:
+        raise ValueError(f"sparsity must be in [0, 1), got {cfg.sparsity}")
+    for name, low, strict in (("shots", 1, False), ("max_correlate", 1, False),
+                              ("damp_a", 0, False), ("damp_g", 0, False),
+                              ("lora_steps", 0, False), ("lora_rank", 1, False),
+                              ("lora_lr", 0, True)):
+        value = getattr(cfg, name)
+        if not (math.isfinite(value) and (value > low if strict else value >= low)):
+            raise ValueError(f"{name} must be a finite number {'>' if strict else '>='} {low}, "
+                             f"got {value}")
+    nm = structure if isinstance(structure, NM) else None
+    if nm and cfg.sparsity > nm.N / nm.M:
+        raise ValueError(f"{nm.name} removes at most {nm.N}/{nm.M} of the weights; sparsity "
+                         f"{cfg.sparsity} cannot be met")
+    if cfg.curvature_device is not None:
+        check_device(cfg.curvature_device)
+    if layers is None:
+        return
+    if not layers:
+        raise ValueError("the model has no prunable nn.Linear layers")
+    odd = [name for name, layer in layers.items() if nm and layer.in_features % nm.M]
+    if odd:
+        raise ValueError(f"{nm.name} needs input widths divisible by {nm.M}; not so for {odd[:3]}")
+    needs_data = cfg.method != "magnitude" or cfg.lora_steps > 0
+    if needs_data and cfg.sparsity > 0 and len(batches) == 0:
+        raise ValueError("calibration data is empty")
+
+
+def check_device(name: str) -> torch.device:
+    """A torch.device that exists here (a tensor can be made on it), or ValueError."""
+    try:
+        return torch.empty(0, device=name).device
+    except (RuntimeError, AssertionError):
+        raise ValueError(f"device {name!r} is not available here (cpu, cuda, cuda:1, ...)"
+                         f"{'' if torch.cuda.is_available() else '; torch sees no CUDA'}") from None
+
+
+def check_finite(factors):
+    for name, (A, G) in factors.items():
+        for X, what in ((A, "A (inputs)"), (G, "G (output gradients)")):
+            if not torch.isfinite(X).all():
+                raise ValueError(f"non-finite curvature {what} in layer {name}: check the model "
+                                 "and data (float32?), or increase the damping")
+
+
+def factor_bytes(layers: dict[str, nn.Linear], source: dict | None = None) -> int:
+    """float32 bytes of all factors: one G per layer, one A per distinct input, where source maps
+    a layer to the layer whose input it reads (default: its own, an upper bound)."""
+    source = source or {}
+    A_width = {source.get(name, name): layer.in_features + (layer.bias is not None)
+               for name, layer in layers.items()}
+    return 4 * (sum(k * k for k in A_width.values())
+                + sum(layer.out_features ** 2 for layer in layers.values()))
+
+
+@contextmanager
+def factor_memory_note(rec, layers, device):
+    """Out of memory while the factors accumulate: how much they take, and what to do."""
+    try:
+        yield
+    except torch.OutOfMemoryError as err:
+        rec.last = (None, None)
+        need = factor_bytes(layers, rec.source) / 2**30
+        raise MemoryError(f"out of memory on {device} while accumulating the curvature factors, "
+                          f"which take about {need:.1f} GiB there (at most); keep them in host "
+                          "memory with curvature_device='cpu' (--curvature-device cpu)") from err
+
+
+@contextmanager
+def highest_precision():
+    """float32 matrix products in full precision (no TF32 on CUDA) inside, as before outside."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+@contextmanager
+def failure_note(layers, shots, done):
+    """An error inside a shot gets a note: which shot, and how much of the model is zero now.
+    done: a list whose last item is the last shot done."""
+    try:
+        yield
+    except Exception as err:
+        err.add_note(f"shot {done[-1] + 1} of {shots} failed; "
+                     f"{surgeon.overall_sparsity(layers):.1%} of the weights are zero now")
+        raise
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Fast kernels
+
+
+GRAM_BLOCKS = 4             # a symmetric sum is accumulated as 10 of its 4 x 4 blocks
+LAZY_ROWS = 128             # rows whose element updates are collected before W is updated
+
+
+def add_gram(S: torch.Tensor, x: torch.Tensor):
+    """S += x^T x for x (tokens, d), the upper block triangle only; `mirror` completes S once at
+    the end."""
+    step = -(-S.shape[0] // GRAM_BLOCKS)
+    for i in range(0, S.shape[0], step):
+        S[i:i + step, i:].addmm_(x[:, i:i + step].T, x[:, i:])
+
+
+def mirror(S: torch.Tensor) -> torch.Tensor:
+    step = -(-len(S) // GRAM_BLOCKS)
+    for i in range(0, len(S), step):
+        S[i + step:, i:i + step] = S[i:i + step, i + step:].T
+    return S
+
+
+class FastRecorder(surgeon.Recorder):
+    """surgeon.Recorder with the blocked Gram sums."""
+
+    def add_gram(self, S, z):
+        add_gram(S, z)
+
+    def gram(self, S):
+        return mirror(S)
+
+
+def remove_elements_lazily(W, A_inv, G_inv, mask, max_correlate):
+    """surgeon.remove_elements, as in SparseGPT: a block of up to LAZY_ROWS rows collects its E's,
+    brings each chunk's w_Q up to date from them (through the rows A_inv[j_q], which also hold C),
+    and updates W with two products at the end (with LAZY_ROWS = 1, one chunk at a time)."""
+    W = W.to(G_inv.dtype).clone()
+    solve = mask & (G_inv.diagonal()[:, None] > 0) & (A_inv.diagonal()[None, :] > 0)
+    chunks = surgeon.row_chunks(solve.sum(1).tolist(), max_correlate)
+    while chunks:
+        block = [chunks.pop(0)]
+        while chunks and sum(len(R) for R in block) + len(chunks[0]) <= LAZY_ROWS:
+            block.append(chunks.pop(0))
+        rows = torch.tensor([i for R in block for i in R], device=W.device)    # block rows
+        G_B = G_inv[:, rows]                                                    # (m, |B|)
+        E = W.new_zeros(len(rows), W.shape[1])                                  # (|B|, k)
+        start = 0
+        for R in block:
+            here, start = slice(start, start + len(R)), start + len(R)
+            r, j = solve[R].nonzero(as_tuple=True)                              # Q in chunk R
+            i = rows[here][r]
+            A_j = A_inv.index_select(0, j)                                      # (|Q|, k)
+            G_ii = submatrix(G_inv, i) if len(R) > 1 else G_inv[i[0], i[0]]     # one row: scalar
+            chol, info = torch.linalg.cholesky_ex(G_ii * A_j[:, j], upper=True)  # C = chol^T chol
+            if info.item():
+                raise ValueError("correlated update is not positive definite; increase the damping")
+            pending = G_B[R] @ E                            # (|R|, k): the block's updates so far
+            w = W[i, j] - (A_j @ pending.T).gather(1, r[:, None])[:, 0]        # w_Q as updated
+            E[here][r, j] = torch.cholesky_solve(w[:, None], chol, upper=True)[:, 0]  # C^-1 w_Q
+        W -= G_B @ (E @ A_inv)                                                  # -G_inv E A_inv
+    W[mask] = 0
+    return W
+
+
+def submatrix(X, idx):
+    """X[idx][:, idx]; a flat `take` is the fastest gather of it on CPU."""
+    return X.reshape(-1).take(idx[:, None] * X.shape[1] + idx)
+
+
+def radix_select(costs, gains, target, zeros, rt):
+    """surgeon.threshold_select without a sort or a copy of ~1e9 costs: a radix select on the
+    float32 bit patterns (4 passes) finds the threshold thr; everything below it is taken, then
+    ties at thr in order until the target. Several processes (rt) sum the histograms and counts
+    (exact: they count weights); the ties go in layer order, process after process."""
+    def total(x):
+        return float(rt.sum(torch.tensor(float(x), dtype=torch.float64)))
+
+    forced = [c == REMOVED for c in costs]
+    need = target - zeros - total(sum(int(gn[f].sum()) for gn, f in zip(gains, forced)))
+    if need <= 0:
+        return forced
+    if total(sum(int(gn[~f].sum()) for gn, f in zip(gains, forced))) <= need:
+        return [torch.ones_like(f) for f in forced]            # everything is not too much
+    bits = [c.view(torch.int32) for c in costs]                # ordered as non-negative floats
+    thr, below = 0, 0.0                                        # below: gains of bits < thr
+    for shift in (24, 16, 8, 0):                               # one byte of thr a pass
+        hist = torch.zeros(256, dtype=torch.float64)
+        for b, gn, f in zip(bits, gains, forced):
+            same = ~f if shift == 24 else ~f & ((b >> (shift + 8)) == thr)
+            hist += torch.bincount((b[same] >> shift) & 255, weights=gn[same].double(),
+                                   minlength=256).cpu()
+        hist = rt.sum(hist)
+        byte = int((below + hist.cumsum(0) < need).sum())      # first byte that reaches need
+        thr, below = (thr << 8) | byte, below + float(hist[:byte].sum())
+    taken = [f | ((b < thr) & ~f) for f, b in zip(forced, bits)]
+    short = need - below                                       # ties of earlier processes first
+    if rt.size > 1:
+        short -= rt.before(sum(int(gn[b == thr].sum()) for b, gn in zip(bits, gains)))
+    for chosen, b, gn in zip(taken, bits, gains):              # ties at the threshold, in order
+        if short <= 0:
+            break
+        tie = (b == thr).nonzero()[:, 0]
+        take = int((gn[tie].long().cumsum(0) < short).sum()) + 1
+        chosen[tie[:take]] = True
+        short -= int(gn[tie[:take]].sum())
+    return taken
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. The runtimes
+
+
+class Fast(surgeon.Runtime):
+    """One process, with the fast kernels, the memory note and the finite check of the factors."""
+    rank, size = 0, 1
+
+    def factors(self, model, layers, batches, device=None):
+        device = device or next(model.parameters()).device
+        rec = FastRecorder(device)
+        with factor_memory_note(rec, layers, device):
+            factors = surgeon.kfac_factors(model, layers, batches, device, rec)
+        check_finite(factors)
+        return factors
+
+    def threshold(self, costs, gains, target, zeros):
+        return radix_select(costs, gains, target, zeros, self)
+
+    def remove_elements(self, W, A_inv, G_inv, mask, max_correlate):
+        return remove_elements_lazily(W, A_inv, G_inv, mask, max_correlate)
+
+    def sum(self, x: torch.Tensor) -> torch.Tensor:        # over the processes
+        return x
+
+
+def runtime(layers: dict[str, nn.Linear]) -> Fast:
+    """Ranks when torch.distributed is initialized with several processes, else Fast."""
+    dist = torch.distributed
+    several = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    return Ranks(layers) if several else Fast()
+
+
+class Ranks(Fast):
+    """The processes of torch.distributed (e.g. torchrun). Each holds the model and runs every
+    calibration window; each layer is owned by one process, which alone records its factors,
+    inverts, costs and updates it; layers are owned in contiguous shares in model order, balanced
+    by the factors' size (n+1)^2 + m^2. The threshold sums counts over the processes (exact), the
+    owners send their layers' new weights to all: the single process's result, bit for bit."""
+
+    def __init__(self, layers: dict[str, nn.Linear]):
+        dist = torch.distributed
+        self.rank, self.size = dist.get_rank(), dist.get_world_size()
+        self.comm = "cuda" if dist.get_backend() == "nccl" else "cpu"
+        self.layers = layers
+        self.owner = dict(zip(layers, self.split([(l.out_features, l.in_features)
+                                                  for l in layers.values()], self.size)))
+
+    @staticmethod
+    def split(shapes: list[tuple[int, int]], ranks: int) -> list[int]:
+        """The rank of each (m, n) layer: contiguous shares balanced by (n+1)^2 + m^2."""
+        sizes = [(n + 1) ** 2 + m ** 2 for m, n in shapes]
+        owner, before, total = [], 0, sum(sizes)
+        for size in sizes:
+            owner.append(min(ranks - 1, int(ranks * (before + size / 2) / total)))
+            before += size
+        return owner
+
+    def own(self, layers: dict) -> dict:
+        return {n: x for n, x in layers.items() if self.owner[n] == self.rank}
+
+    def factors(self, model, layers, batches, device=None):
+        """The owned layers' factors; the others' outputs start the gradient too, so that every
+        process's autograd graph is the single process's."""
+        def start_gradient(layer, inputs, y):
+            return y if y.requires_grad else y.requires_grad_()
+        handles = [layer.register_forward_hook(start_gradient)
+                   for name, layer in self.layers.items() if name not in layers]
+        try:
+            return super().factors(model, layers, batches, device)
+        finally:
+            for h in handles:
+                h.remove()
+
+    def sum(self, x: torch.Tensor) -> torch.Tensor:
+        """x summed over the ranks (a new tensor)."""
+        y = x.to(self.comm, copy=True)
+        torch.distributed.all_reduce(y)
+        return y.to(x.device)
+
+    def before(self, x: float) -> float:
+        """The sum of x over the ranks before this one."""
+        v = torch.zeros(self.size, dtype=torch.float64)
+        v[self.rank] = x
+        return float(self.sum(v)[:self.rank].sum())
+
+    def gather(self, vectors: list[torch.Tensor]):
+        """Every rank's vectors in rank order, which is model order (each sum adds zeros)."""
+        mine = torch.cat(vectors)
+        lengths = torch.zeros(self.size, dtype=torch.long)
+        lengths[self.rank] = len(mine)
+        lengths = self.sum(lengths)
+        start = int(lengths[:self.rank].sum())
+        full = torch.zeros(int(lengths.sum()), dtype=mine.dtype)
+        full[start:start + len(mine)] = mine
+        return self.sum(full), start
+
+    def share(self, layers: dict):
+        """Every layer's weights from its owner to every rank, bit for bit."""
+        for name, layer in layers.items():
+            for p in (layer.weight, layer.bias):
+                if p is not None:
+                    bits = p.data.view(torch.uint8)
+                    y = bits.to(self.comm)
+                    torch.distributed.broadcast(y, src=self.owner[name])
+                    bits.copy_(y)
+
+    @contextmanager
+    def stage(self, seconds: dict, name: str):
+        with super().stage(seconds, name), self.together():
+            yield
+
+    @contextmanager
+    def together(self):
+        """An error on one rank is raised on every rank, so that none waits in a collective."""
+        error, said = None, [None] * self.size
+        try:
+            yield
+        except Exception as err:                                # raised below, on every rank
+            error = err
+        torch.distributed.all_gather_object(said, error and f"{type(error).__name__}: {error}")
+        failed = [(r, text) for r, text in enumerate(said) if text]
+        if error is not None:
+            raise error
+        if failed:
+            (r, text), = failed[:1]
+            kind, _, text = text.partition(": ")
+            raise (ValueError if kind == "ValueError" else RuntimeError)(f"rank {r}: {text}")
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. Layers whose weights accelerate keeps off the device
+
+
+def offloaded_access(model, folder):
+    """Give every layer whose weights accelerate keeps off the device (in host memory or on
+    disk, its parameters on 'meta' between calls) the read_weights/write_weights that surgeon.py
+    uses. Writes go to host memory in place, or to a new file in `folder` for disk weights (a
+    disk weight may be read from the model's own safetensors file, which stays untouched)."""
+    from accelerate.utils import offload_weight
+    for module in model.modules():
+        hook = getattr(module, "_hf_hook", None)
+        if not isinstance(module, torch.nn.Linear) or not getattr(hook, "offload", False):
+            continue
+        store, prefix = hook.weights_map.dataset, hook.weights_map.prefix
+
+        def read(store=store, prefix=prefix, bias=module.bias is not None):
+            return store[prefix + "weight"], store[prefix + "bias"] if bias else None
+
+        def write(weight, bias, store=store, prefix=prefix):
+            for key, value in ((prefix + "weight", weight), (prefix + "bias", bias)):
+                if value is None:
+                    continue
+                in_memory = getattr(store, "state_dict", store)              # host memory
+                if key in in_memory:
+                    in_memory[key].copy_(value)
+                else:                                                         # disk
+                    store.save_folder = store.save_folder or folder
+                    offload_weight(value.detach().cpu(), key, store.save_folder, store.index)
+        module.read_weights, module.write_weights = read, write
+
+
+# ----------------------------------------------------------------------------------------------
+# prune: surgeon.prune with all of it
+
+
+def prune(model: nn.Module, batches, settings: Settings, on_shot=None, progress=None,
+          first_shot: int = 1, structure=None):
+    """surgeon.prune (same arguments), checked before a weight is touched (ValueError), with the
+    fast kernels, over the processes when torch.distributed is initialized, float32 products in
+    full precision (no TF32), and a note on an error inside a shot."""
+    layers, batches = surgeon.prunable_layers(model), list(batches)
+    check(settings, layers, batches, structure)
+    done = [first_shot - 1]
+
+    def record(shot):
+        done.append(shot["shot"])
+        if on_shot:
+            on_shot(shot)
+    with highest_precision(), failure_note(layers, settings.shots, done):
+        return surgeon.prune(model, batches, settings, record, progress, first_shot, structure,
+                             runtime(layers))
