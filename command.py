@@ -416,6 +416,9 @@ def broken_file(folder):
     return None
 
 
+# ----------------------------------------------------------------------------------------------
+# The model's layers, checked from its config alone
+
 
 EXPERTS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
 
