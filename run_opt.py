@@ -342,8 +342,8 @@ def token_ids(tokenizer, path, split):
         from datasets import load_dataset
         data = load_dataset(*WIKITEXT, split=split)
     except Exception as err:
-        fail(f"cannot load WikiText-2 ({command.one_line(err)}). Without a hub, pass local text with "
-             "--train-file and --test-file")
+        fail(f"cannot load WikiText-2 ({command.one_line(err)}). Without a hub, pass local text "
+             "with --train-file and --test-file")
     joined = (" " if split == "train" else "\n\n").join(data["text"])
     with working(f"tokenize WikiText-2 {split}"):
         return tokenizer(joined, return_tensors="pt").input_ids[0]

@@ -120,8 +120,8 @@ class Units:
         W = quad.W.masked_fill(F.pad(quad.removed, (0, quad.W.shape[1] - n)), 0)
         costs, counts = [], []
         for part in self.parts.get(quad.name, ()):
-            lines = W if part.axis == "rows" else W[:, :n].T                    # (lines, ...)
-            counts.append((lines != 0).reshape(-1, part.width * lines.shape[1]).sum(1))
+            X = W if part.axis == "rows" else W[:, :n].T                 # its lines as rows
+            counts.append((X != 0).reshape(-1, part.width * X.shape[1]).sum(1))
             if part.priced is not None and part.axis == "rows":
                 P = block_precisions(quad.G_inv, quad.G, quad.gamma, part.width, cfg.method)
                 costs.append(block_costs(W, A, P, part.width))
@@ -154,7 +154,7 @@ class Units:
         taken = surgeon.shortest_prefix(unit_cost, order, (gain + bonus)[order].cumsum(0), target,
                                         zeros)
         choice = torch.cat([c.argmin(1) for c in cut_cost])  # the cheapest cut of each unit
-        return [self.lines_of(c.name, taken, choice) for c in cands]
+        return [self.to_remove(c.name, taken, choice) for c in cands]
 
     def tables(self, cost, count):
         """From the gathered vectors of all layers: per group its (units, priced lines) costs and
@@ -176,9 +176,9 @@ class Units:
                 at_count += n
         return line_cost, own, shared
 
-    def lines_of(self, name, taken, choice):
+    def to_remove(self, name, taken, choice):
         """A layer's lines to remove: {(axis, "cut" or "dead"): indices}."""
-        lines = {}
+        remove = {}
         for part in self.parts.get(name, ()):
             group, start = self.groups[part.group], self.starts[part.group]
             units = taken[start:start + group.count]
@@ -190,16 +190,16 @@ class Units:
                 kinds = (("dead", units.reshape(-1, part.share).all(1)),)
             for kind, blocks in kinds:
                 idx = (blocks.nonzero()[:, :1] * part.width + torch.arange(part.width)).flatten()
-                lines[part.axis, kind] = torch.cat([lines.get((part.axis, kind), idx[:0]), idx])
-        return lines
+                remove[part.axis, kind] = torch.cat([remove.get((part.axis, kind), idx[:0]), idx])
+        return remove
 
     def update(self, quad: Quadratic, taken: dict, cand: UnitCandidates, cfg: Settings, rt):
         """The cut lines by the rows-and-columns update, then the dead ones zeroed."""
-        def lines(axis, kind):
+        def index(axis, kind):
             return taken.get((axis, kind), torch.zeros(0, dtype=torch.long)).to(quad.W.device)
-        W = surgeon.remove_lines(quad, lines("rows", "cut"), lines("cols", "cut"), cfg)
-        W[lines("rows", "dead")] = 0
-        W[:, lines("cols", "dead")] = 0
+        W = surgeon.remove_lines(quad, index("rows", "cut"), index("cols", "cut"), cfg)
+        W[index("rows", "dead")] = 0
+        W[:, index("cols", "dead")] = 0
         return W
 
 
