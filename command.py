@@ -140,6 +140,9 @@ def parse_args(argv=None):
     p.add_argument("--unit-cost", choices=("cut", "lines"), default="cut",
                    help="units: a unit's cost is its cheapest cut's OBS cost, or the sum of its "
                         "lines' costs")
+    p.add_argument("--unit-order", choices=units.ORDERS, default="cost",
+                   help="units: units are taken in order of their cost, or of their cost per "
+                        "weight removed")
     p.add_argument("--lora-steps", type=count,
                    help="interleaved low-rank update steps after each shot (0: off; default 3 "
                    "for surgeon on rowcol and units, 0 otherwise)")
@@ -157,7 +160,11 @@ def parse_args(argv=None):
                         "DIR-shot-K, compacted with --compact (holds a copy of the model while "
                         "it saves; 0: the last shot only)")
     p.add_argument("--json", metavar="PATH", help="write settings and results as JSON here")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for action in p._actions:                   # parsed again without defaults: what was typed
+        action.default = argparse.SUPPRESS
+    args.given = set(vars(p.parse_args(argv)))
+    return args
 
 
 # ----------------------------------------------------------------------------------------------
@@ -169,13 +176,14 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 CHECKPOINT = "checkpoint.pt"
 RESULT_SETTINGS = ("model", "dtype", "nsamples", "seqlen", "seed", "train_file",  # what a
                    *(f.name for f in fields(surgeon.Settings)                 # resumed run must
-                     if f.name != "curvature_device"), "unit_cost")           # share
+                     if f.name != "curvature_device"), "unit_cost", "unit_order")   # share
 
 
 def validate(args):
     """The device and settings, after checking everything that needs no model."""
     settings = surgeon.Settings(**{f.name: getattr(args, f.name) for f in fields(surgeon.Settings)})
     vars(args).update(asdict(settings))       # defaults resolved (shots, lora_steps), recorded
+    unused_flags(args, vars(args).pop("given", set()))
     try:
         scale.check(settings)
         device = scale.check_device(args.device or ("cuda" if torch.cuda.is_available()
@@ -226,6 +234,29 @@ def validate(args):
             fail(f"{args.checkpoint} holds a checkpoint; pass --resume to continue that run, or "
                  "choose another folder")
     return device, settings
+
+
+def unused_flags(args, given):
+    """An error for a flag typed that the chosen structure, method or mode does not use."""
+    method, structure = f"--method {args.method}", f"--structure {args.structure}"
+    rules = [("unit_cost", args.structure != "units", structure, "--structure units"),
+             ("unit_order", args.structure != "units", structure, "--structure units"),
+             ("damp_costs", args.structure not in surgeon.LINES, structure,
+              "--structure rowcol or units"),
+             ("max_correlate", args.structure in surgeon.LINES, structure,
+              "the element updates of unstructured and N:M"),
+             ("max_correlate", args.method != "surgeon", method, "--method surgeon's updates"),
+             ("damp_a", args.method != "surgeon", method, "--method surgeon (the baselines "
+              "use the undamped curvature)"),
+             ("damp_g", args.method != "surgeon", method, "--method surgeon (the baselines "
+              "use the undamped curvature)"),
+             ("lora_rank", args.lora_steps == 0, "--lora-steps 0", "low-rank steps"),
+             ("lora_lr", args.lora_steps == 0, "--lora-steps 0", "low-rank steps"),
+             ("curvature_device", args.method == "magnitude", method, "a method with curvature"),
+             ("compact_multiple", not args.compact, "no --compact", "--compact")]
+    for dest, unused, here, needs in rules:
+        if dest in given and unused:
+            fail(f"--{dest.replace('_', '-')} does nothing with {here}: it is for {needs}")
 
 
 def saved_shots(args, settings):
@@ -398,6 +429,20 @@ def loading(name):
         fail(f"cannot load model {name}: {broken_file(name) or first}")
 
 
+@contextmanager
+def compacted_quietly(name):
+    """Without transformers' warning that a compacted folder's config names an unknown model
+    type (its tokenizer is a plain one; the model loads with compact.load)."""
+    from transformers.utils import logging
+    before = logging.get_verbosity()
+    if compaction.is_compacted(name):
+        logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(before)
+
+
 def broken_file(folder):
     """'PATH is broken or truncated (why)' for the first weights file of `folder` that does not
     read to its end, or None."""
@@ -480,7 +525,8 @@ def unpruned(skeleton, layers):
 def pruned_structure(args, model):
     """--structure units: the model's heads and MLP units (units.py); else None, the structure
     of the settings."""
-    return units.structure(model, args.unit_cost) if args.structure == "units" else None
+    return units.structure(model, args.unit_cost, args.unit_order) \
+        if args.structure == "units" else None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -535,7 +581,8 @@ def open_checkpoint(folder, args, settings):
     path = os.path.join(folder, CHECKPOINT)
     try:
         state = torch.load(path, weights_only=True, mmap=True)
-        then = {"dtype": "float32", "unit_cost": "cut", **state["settings"]}   # before those
+        then = {"dtype": "float32", "unit_cost": "cut", "unit_order": "cost",    # before those
+                **state["settings"]}
         state["next_shot"], state["shots"], state["weights"]
     except Exception as err:
         fail(f"--resume: {path} is damaged or partial ({one_line(err)}); the run cannot go on "

@@ -34,9 +34,9 @@ import command
 import compact as compaction
 import scale
 import surgeon
-from command import (CHECKPOINT, SAVED, Interrupted, Terminated, fail, loading, main_rank,
-                     parse_args, pruned_structure, read_checkpoint, read_text, saved_shots,
-                     start_ranks, validate, working, world_size, write_checkpoint)
+from command import (CHECKPOINT, SAVED, Interrupted, Terminated, compacted_quietly, fail,
+                     loading, main_rank, parse_args, pruned_structure, read_checkpoint, read_text,
+                     saved_shots, start_ranks, validate, working, world_size, write_checkpoint)
 
 WIKITEXT = ("Salesforce/wikitext", "wikitext-2-raw-v1")
 
@@ -59,9 +59,12 @@ RECORD = {              # the fields of the JSON record (--json), written down i
     "ppl_dense": "perplexity before pruning (None with --skip-dense-eval)",
     "ppl_pruned": "perplexity after pruning (after the last shot)",
     "sparsity": "fraction of the pruned layers' weights that are zero at the end",
+    "units_removed": "--structure units: fraction of the pruned layers' weights in removed heads "
+                     "and MLP units, what compaction removes (the target counts these)",
     "layers": "each pruned layer's fraction of zero weights",
-    "shots": "each shot: shot, target, sparsity, seconds of each part, ppl where evaluated; "
-             "--save-every: saved (the folder) and with --compact params_compact",
+    "shots": "each shot: shot, target, sparsity, units_removed (units), seconds of each part, "
+             "ppl where evaluated; --save-every: saved (the folder) and with --compact "
+             "params_compact",
     "resumed": "--resume: from_shot, and prune_seconds_all_shots over the earlier runs too",
     "latency_ms_pruned": "--compact: forward latency of 8 test windows before compaction",
     "latency_ms_compact": "--compact: the same after compaction",
@@ -185,6 +188,8 @@ class Surgeon(Pruner):
             tokenizer = load_tokenizer(self.args.model)[0]
             keep = functools.partial(self.save_shot, model, tokenizer, record=record)
         report = prune_stage(self.args, self.settings, model, layers, calib, test, device, keep)
+        if "units_removed" in report:
+            record["units_removed"] = report["units_removed"]
         if report["first_shot"] > 1:             # "prune" timed only this process's shots
             record["resumed"] = {"from_shot": report["first_shot"],
                                  "prune_seconds_all_shots": round(sum(
@@ -297,20 +302,6 @@ def load_tokenizer(name):
         else:
             config = AutoConfig.from_pretrained(name).to_dict()
     return tokenizer, config.get("max_position_embeddings") or 2048
-
-
-@contextmanager
-def compacted_quietly(name):
-    """Without transformers' warning that a compacted folder's config names an unknown model
-    type (its tokenizer is a plain one; the model loads with compact.load)."""
-    from transformers.utils import logging
-    before = logging.get_verbosity()
-    if compaction.is_compacted(name):
-        logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        logging.set_verbosity(before)
 
 
 def load_data(args, tokenizer, context, calibrate=True):
@@ -475,8 +466,13 @@ def prune_stage(args, settings, model, layers, calib, test, device, keep=None):
         print(f"resuming from {args.checkpoint} after shot {first - 1}")
     print(f"pruning {args.sparsity:.0%} {args.structure} with {args.method}, "
           f"{settings.shots} shot{'s' if settings.shots > 1 else ''}")
+    structure, total = pruned_structure(args, model), sum(l.weight.numel() for l in layers.values())
+
+    def removed():                          # units: the fraction in removed heads and MLP units
+        return {"units_removed": structure.removed_weights(layers) / total} if structure else {}
 
     def on_shot(shot):
+        shot.update(removed())
         if args.eval_every and (shot["shot"] % args.eval_every == 0
                                 or shot["shot"] == settings.shots):
             shot["ppl"] = perplexity(model, test, device, f"eval shot {shot['shot']}")
@@ -488,7 +484,8 @@ def prune_stage(args, settings, model, layers, calib, test, device, keep=None):
             tic = time.perf_counter()
             write_checkpoint(args.checkpoint, args, settings, layers, shots)
             shot["seconds"]["checkpoint"] = time.perf_counter() - tic
-        tqdm.write(f"shot {shot['shot']}/{settings.shots}: sparsity {shot['sparsity']:.4f}  "
+        units = f" (units removed {shot['units_removed']:.4f})" if structure else ""
+        tqdm.write(f"shot {shot['shot']}/{settings.shots}: sparsity {shot['sparsity']:.4f}{units}  "
                    + "  ".join(f"{k} {v:.1f}s" for k, v in shot["seconds"].items())
                    + (f"  ppl {shot['ppl']:.2f}" if "ppl" in shot else ""))
 
@@ -496,7 +493,7 @@ def prune_stage(args, settings, model, layers, calib, test, device, keep=None):
                                      disable=not main_rank())
     try:
         report = scale.prune(model, calib, settings, on_shot=on_shot, progress=progress,
-                             first_shot=first, structure=pruned_structure(args, model))
+                             first_shot=first, structure=structure)
     except ValueError as err:
         fail(f"{err} {' '.join(getattr(err, '__notes__', []))}".strip())
     except KeyboardInterrupt as err:
@@ -505,7 +502,7 @@ def prune_stage(args, settings, model, layers, calib, test, device, keep=None):
             "run the same command with --resume to go on" if args.checkpoint and shots else
             "no checkpoint was written (--checkpoint DIR keeps one after every shot)",
             terminated=isinstance(err, Terminated)) from None
-    return {**report, "shots": shots, "first_shot": first}
+    return {**report, "shots": shots, "first_shot": first, **removed()}
 
 
 def mark_saved(folder, settings, ppl, **shot):
@@ -525,6 +522,9 @@ def print_pruned(record, layers):
     if record["layers"]:
         print("sparsity per layer (percent zero):\n" + sparsity_table(record["layers"]))
     print(f"sparsity: {record['sparsity']:.4f} of the pruned layers' {total / 1e6:.1f}M weights")
+    if "units_removed" in record:
+        print(f"in removed heads and MLP units (what compaction removes): "
+              f"{record['units_removed']:.4f} of them")
     dense = "not evaluated" if record["ppl_dense"] is None else f"{record['ppl_dense']:.2f}"
     print(f"perplexity: dense {dense} -> pruned {record['ppl_pruned']:.2f}")
 

@@ -19,11 +19,11 @@ def one_layer_units(axis, width, m, n, cost="cut"):
     return structure([UnitGroup(count, [("l", axis, width)], [0])], cost, l=(m, n))
 
 
-def structure(groups, cost="cut", **shapes):
+def structure(groups, cost="cut", order="cost", **shapes):
     """units.Units over layers of these (out, in) shapes, in this order (no weights)."""
     layers = {name: torch.nn.Linear(n, m, bias=False, device="meta")
               for name, (m, n) in shapes.items()}
-    return units_.Units(groups, layers, cost)
+    return units_.Units(groups, layers, cost, order)
 
 
 @pytest.mark.parametrize("axis,width", [("rows", 1), ("rows", 2), ("rows", 3), ("cols", 1),
@@ -81,39 +81,65 @@ def test_the_update_is_the_cut_layers_obs_update_and_dead_lines_zeroed():
     assert (new_b[:, [0, 1, 4, 5]] == 0).all() and torch.equal(new_b[:, keep], W[:, keep])
 
 
-def greedy_units(costs, own, shared, k, target, zeros):
-    """Brute force: units in cost order (nothing left: first), counting own nonzeros and a
-    shared block's once all of its k units are taken, until the zeros reach the target."""
-    order = sorted(range(len(costs)), key=lambda u: (costs[u] if own[u] else -1, u))
-    taken, total = set(), zeros
+def greedy_units(keys, size, own, k, block, target):
+    """Brute force: units in order of key (removed ones, every line zero, first), counting the
+    weights of each one's lines and a shared block's once all of its k units are taken, from
+    what is removed already (removed units, blocks whose units all are), until the target."""
+    removed = [not n for n in own]
+    order = sorted(range(len(keys)), key=lambda u: (keys[u] if own[u] else -1, u))
+    blocks = range(len(own) // k)
+    total = sum(size for r in removed if r) + sum(block for b in blocks
+                                                  if all(removed[b * k:b * k + k]))
+    taken = set()
     for u in order:
         if total >= target and own[u]:
             break
         taken.add(u)
-        total += own[u]
-        block = u // k
-        if all(v in taken for v in range(block * k, block * k + k)):
-            total += shared[block]
+        total += size * (not removed[u])
+        b = u // k
+        if all(v in taken for v in range(b * k, b * k + k)) and not all(removed[b * k:b * k + k]):
+            total += block
     return taken
 
 
+@pytest.mark.parametrize("order", units_.ORDERS)
 @pytest.mark.parametrize("target", [0, 10, 37, 80, 150, 400])
-def test_select_counts_shared_grouped_query_lines_with_the_last_of_their_heads(target):
-    """Six query heads in layer q, two key-value heads in layer k shared by three each."""
+def test_select_counts_shared_grouped_query_lines_with_the_last_of_their_heads(target, order):
+    """Six query heads in layer q (10 weights a head), two key-value heads in layer k (4 weights
+    each) shared by three each; one head removed already (no nonzero left), the others with a
+    few zeros, which count for nothing: the target counts the weights of removed units."""
     gen = torch.Generator().manual_seed(target)
-    units = structure([UnitGroup(6, [("q", "rows", 1)], [0], [("k", "rows", 1, 3)])],
-                      q=(6, 1), k=(2, 1))
+    groups = [UnitGroup(6, [("q", "rows", 1)], [0], [("k", "rows", 1, 3)])]
+    units = structure(groups, "cut", order, q=(6, 10), k=(2, 4))
     costs = torch.rand(6, generator=gen)
-    own = torch.randint(0, 40, (6,), generator=gen)
+    own = torch.randint(1, 11, (6,), generator=gen)
     own[4] = 0                                                   # all zero already
-    shared = torch.randint(1, 30, (2,), generator=gen)
+    shared = torch.randint(1, 5, (2,), generator=gen)
     cands = [units_.UnitCandidates("q", costs, own),
              units_.UnitCandidates("k", costs[:0], shared)]
     got = units.select(cands, target, 5, surgeon.Runtime())
-    want = greedy_units(costs.tolist(), own.tolist(), shared.tolist(), 3, target, 5)
+    keys = (costs / 10 if order == "per-weight" else costs).tolist()   # one size: the same order
+    want = greedy_units(keys, 10, own.tolist(), 3, 4, target)
     assert sorted(got[0][("rows", "cut")].tolist()) == sorted(want)
     dead_kv = [b for b in range(2) if all(u in want for u in range(3 * b, 3 * b + 3))]
     assert got[1].get(("rows", "dead"), torch.zeros(0)).tolist() == dead_kv
+
+
+def test_per_weight_order_takes_the_cheapest_per_weight_first():
+    """Two groups in one layer: units of 2 lines (20 weights) and of 1 line (10 weights); by
+    cost a unit of 1 line goes first, by cost per weight one of 2 lines."""
+    groups = [UnitGroup(2, [("a", "rows", 2)], [0]), UnitGroup(2, [("b", "rows", 1)], [0])]
+    costs = torch.tensor([3.0, 5.0, 2.0, 4.0])          # per weight: 0.15, 0.25, 0.2, 0.4
+    nonzero = torch.tensor([20, 20, 10, 10])
+    for order, first in (("cost", ("b", 0)), ("per-weight", ("a", 0))):
+        units = structure(groups, "cut", order, a=(4, 10), b=(2, 10))
+        cands = [units_.UnitCandidates("a", costs[:2], nonzero[:2]),
+                 units_.UnitCandidates("b", costs[2:], nonzero[2:])]
+        got = units.select(cands, 1, 0, surgeon.Runtime())   # one unit: the first in order
+        layer, unit = first
+        taken = got[0 if layer == "a" else 1][("rows", "cut")].tolist()
+        width = 2 if layer == "a" else 1
+        assert taken == list(range(unit * width, unit * width + width)), order
 
 
 @pytest.mark.parametrize("make", [tiny_opt, tiny_llama,
@@ -280,3 +306,22 @@ def test_a_saved_folder_has_the_code_compaction_ran_with_even_if_the_file_change
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "saved", trust_remote_code=True)
     with torch.no_grad():
         assert torch.allclose(plain(ids).logits, want, atol=1e-6)
+
+
+@pytest.mark.parametrize("make", [tiny_opt, lambda: tiny_llama(hidden=32, heads=4, kv_heads=2)])
+def test_the_target_counts_what_compaction_removes_whatever_zeros_were_there(make):
+    """8% of every weight matrix zero before pruning: units at 30% still remove 30% of the
+    blocks' weights (to one unit), which compaction then cuts out, exactly."""
+    from conftest import with_exact_zeros
+    model = with_exact_zeros(make(), 0.08)
+    layers = surgeon.prunable_layers(model)
+    total = sum(layer.weight.numel() for layer in layers.values())
+    structure_ = units_.structure(model)
+    biggest = int(structure_.size.max()) + max(structure_.shared_size.values(), default=0)
+    assert structure_.removed_weights(layers) == 0
+    units_.prune(model, calib(), Settings(sparsity=0.3, structure="units", shots=2))
+    removed = structure_.removed_weights(layers)
+    assert 0.3 * total - 0.5 <= removed <= 0.3 * total + biggest
+    compact.compact(model)
+    left = sum(layer.weight.numel() for layer in surgeon.prunable_layers(model).values())
+    assert total - left == removed

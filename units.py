@@ -32,6 +32,8 @@ import torch.nn.functional as F
 import surgeon
 from surgeon import REMOVED, Quadratic, Settings
 
+ORDERS = ("cost", "per-weight")     # units taken in order of cost, or of cost per weight removed
+
 
 @dataclass
 class UnitGroup:
@@ -95,14 +97,23 @@ def block_precisions(X_inv, X, precision, width, method):
 class Units:
     """A candidate is a unit a model can lose whole (the module docstring). `groups` from `find`
     (or written for an architecture it does not know), `layers` the model's prunable layers in
-    model order; cost "cut" (a unit's cheapest cut) or "lines" (the sum of its lines' costs)."""
+    model order; cost "cut" (a unit's cheapest cut) or "lines" (the sum of its lines' costs);
+    order "cost" (units taken in order of cost) or "per-weight" (of cost per weight removed).
+
+    The target counts what compaction removes: the weights of removed units (every line zero)
+    and of shared lines all of whose units are removed. Scattered zeros elsewhere (a checkpoint
+    dequantized from 4 bits has thousands) neither count toward it nor stop it."""
     name = "units"
 
-    def __init__(self, groups: list[UnitGroup], layers: dict[str, nn.Linear], cost: str = "cut"):
+    def __init__(self, groups: list[UnitGroup], layers: dict[str, nn.Linear], cost: str = "cut",
+                 order: str = "cost"):
         if cost not in ("cut", "lines"):
             raise ValueError(f"unit_cost must be 'cut' or 'lines', got {cost!r}")
+        if order not in ORDERS:
+            raise ValueError(f"unit_order must be one of {ORDERS}, got {order!r}")
         check(groups, layers)
-        self.groups, self.summed, self.order = groups, cost == "lines", list(layers)
+        self.groups, self.summed, self.layer_order = groups, cost == "lines", list(layers)
+        self.per_weight = order == "per-weight"
         self.priced = [list(range(len(group.lines))) if self.summed else group.cuts
                        for group in groups]                  # the lines whose costs count
         self.parts = {}                                      # layer name -> [Part]
@@ -113,6 +124,14 @@ class Units:
             for j, (layer, axis, width, k) in enumerate(group.shared):
                 self.parts.setdefault(layer, []).append(Part(g, axis, width, j, k, None))
         self.starts = list(itertools.accumulate((group.count for group in groups), initial=0))
+        weights = {name: (layer.out_features, layer.in_features) for name, layer in layers.items()}
+
+        def block(layer, axis, width):                  # weights in `width` lines of a layer
+            return width * weights[layer][1 if axis == "rows" else 0]
+        self.size = torch.cat([torch.full((group.count,), sum(block(*line) for line in group.lines))
+                               for group in groups])    # (units,): the weights of its own lines
+        self.shared_size = {(g, j): block(*line[:3]) for g, group in enumerate(groups)
+                            for j, line in enumerate(group.shared)}
 
     def candidates(self, quad: Quadratic, cfg: Settings) -> UnitCandidates:
         A, G = quad.forms()
@@ -120,8 +139,7 @@ class Units:
         W = quad.W.masked_fill(F.pad(quad.removed, (0, quad.W.shape[1] - n)), 0)
         costs, counts = [], []
         for part in self.parts.get(quad.name, ()):
-            X = W if part.axis == "rows" else W[:, :n].T                 # its lines as rows
-            counts.append((X != 0).reshape(-1, part.width * X.shape[1]).sum(1))
+            counts.append(nonzeros(W, n, part))
             if part.priced is not None and part.axis == "rows":
                 P = block_precisions(quad.G_inv, quad.G, quad.gamma, part.width, cfg.method)
                 costs.append(block_costs(W, A, P, part.width))
@@ -134,8 +152,10 @@ class Units:
 
     def select(self, cands: list[UnitCandidates], target: int, zeros: int, rt):
         """Every unit's cost, cut and gain from all layers' shares (several processes gather
-        them); then, as for rows and columns, the shortest prefix in cost order whose zeros reach
-        the target, a shared line's zeros counted with the last of its units."""
+        them); then, as for rows and columns, the shortest prefix in order (of cost, or of cost
+        per weight) whose removed weights reach the target, a shared line's weights counted with
+        the last of its units. `zeros` (every zero of the layers) is not used: the target counts
+        removed units alone (the class docstring)."""
         cost, count = (rt.gather([getattr(c, what).cpu() for c in cands])[0]
                        for what in ("cost", "nonzero"))
         line_cost, own, shared = self.tables(cost, count)
@@ -143,16 +163,20 @@ class Units:
                     for c, priced, group in zip(line_cost, self.priced, self.groups)]
         unit_cost = torch.cat([c.sum(1) for c in line_cost] if self.summed else
                               [c.min(1).values for c in cut_cost])
-        gain = torch.cat(own)
-        unit_cost[gain == 0] = REMOVED                       # nothing left: always taken
-        order = unit_cost.argsort(stable=True)
-        position, bonus = surgeon.positions(order), torch.zeros_like(gain)
-        for (g, j), blocks in shared.items():                # zeros of a shared block: with
+        removed = torch.cat(own) == 0                        # every line zero: always taken
+        key = unit_cost / self.size if self.per_weight else unit_cost
+        key[removed] = REMOVED
+        order = key.argsort(stable=True)
+        position, gain = surgeon.positions(order), self.size.masked_fill(removed, 0)
+        bonus, gone = torch.zeros_like(gain), int(self.size[removed].sum())
+        for (g, j), blocks in shared.items():                # a shared block's weights: with
             k, start = self.groups[g].shared[j][3], self.starts[g]   # the last of its units
+            units = removed[start:self.starts[g + 1]].reshape(-1, k)
             last = position[start:self.starts[g + 1]].reshape(-1, k).argmax(1)
-            bonus[start + torch.arange(len(blocks)) * k + last] += blocks
-        taken = surgeon.shortest_prefix(unit_cost, order, (gain + bonus)[order].cumsum(0), target,
-                                        zeros)
+            size = self.shared_size[g, j]
+            bonus[start + torch.arange(len(blocks)) * k + last] += size * ~units.all(1)
+            gone += size * int(units.all(1).sum())
+        taken = surgeon.shortest_prefix(key, order, (gain + bonus)[order].cumsum(0), target, gone)
         choice = torch.cat([c.argmin(1) for c in cut_cost])  # the cheapest cut of each unit
         return [self.to_remove(c.name, taken, choice) for c in cands]
 
@@ -162,7 +186,7 @@ class Units:
         line_cost = [torch.empty(gr.count, len(p)) for gr, p in zip(self.groups, self.priced)]
         own = [torch.zeros(gr.count, dtype=torch.long) for gr in self.groups]
         shared, at_cost, at_count = {}, 0, 0
-        for name in self.order:
+        for name in self.layer_order:
             for part in self.parts.get(name, ()):
                 units = self.groups[part.group].count
                 if part.priced is not None:
@@ -175,6 +199,21 @@ class Units:
                     shared[part.group, part.index] = count[at_count:at_count + n]
                 at_count += n
         return line_cost, own, shared
+
+    def removed_weights(self, layers: dict[str, nn.Linear]) -> int:
+        """What compaction removes now: the weights of the units whose lines are all zero, and
+        of the shared lines all of whose units are."""
+        own = [torch.zeros(group.count, dtype=torch.long) for group in self.groups]
+        gone = 0
+        for name, parts in self.parts.items():
+            W = surgeon.get_matrix(layers[name])
+            for part in (p for p in parts if p.share is None):
+                own[part.group] += nonzeros(W, layers[name].in_features, part).cpu()
+        removed = torch.cat(own) == 0
+        for (g, j), size in self.shared_size.items():
+            k, units = self.groups[g].shared[j][3], removed[self.starts[g]:self.starts[g + 1]]
+            gone += size * int(units.reshape(-1, k).all(1).sum())
+        return int(self.size[removed].sum()) + gone
 
     def to_remove(self, name, taken, choice):
         """A layer's lines to remove: {(axis, "cut" or "dead"): indices}."""
@@ -201,6 +240,12 @@ class Units:
         W[index("rows", "dead")] = 0
         W[:, index("cols", "dead")] = 0
         return W
+
+
+def nonzeros(W, n_in, part: Part):
+    """(blocks,) the nonzero entries of W~ (bias included) in each block of the part's lines."""
+    X = W if part.axis == "rows" else W[:, :n_in].T                      # its lines as rows
+    return (X != 0).reshape(-1, part.width * X.shape[1]).sum(1)
 
 
 def check(groups: list[UnitGroup], layers: dict[str, nn.Linear]):
@@ -273,15 +318,16 @@ def find(model: nn.Module) -> list[UnitGroup]:
     return groups
 
 
-def structure(model: nn.Module, cost: str = "cut") -> Units:
+def structure(model: nn.Module, cost: str = "cut", order: str = "cost") -> Units:
     """The units structure of a model, its units found by `find`."""
-    return Units(find(model), surgeon.prunable_layers(model), cost)
+    return Units(find(model), surgeon.prunable_layers(model), cost, order)
 
 
-def prune(model: nn.Module, batches, settings: Settings, cost: str = "cut", **kwargs):
+def prune(model: nn.Module, batches, settings: Settings, cost: str = "cut", order: str = "cost",
+          **kwargs):
     """scale.prune (checked, fast, over processes) with the model's units; settings.structure
     must be "units" (its schedule and low-rank defaults are rows and columns')."""
     import scale
     if settings.structure != "units":
         raise ValueError(f"units.prune prunes structure 'units', got {settings.structure!r}")
-    return scale.prune(model, batches, settings, structure=structure(model, cost), **kwargs)
+    return scale.prune(model, batches, settings, structure=structure(model, cost, order), **kwargs)

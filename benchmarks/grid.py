@@ -71,7 +71,8 @@ GRID = {
                                   "0.3", "--shots", "24", "--eval-every", "4", "--lora-steps", "10",
                                   "--compact", "--save", "out/surgeon-rowcol-30-lora-10"],
     "kobd-rowcol-30-shots-3": ["--method", "kobd", "--structure", "rowcol", "--sparsity", "0.3",
-                       "--shots", "3", "--damp-g", "0.1", "--eval-every", "1"],
+                               "--shots", "3", "--eval-every", "1"],   # (once with --damp-g 0.1,
+                                                                       # which K-OBD does not use)
     "lobd-unstructured-50": ["--method", "lobd", "--structure", "unstructured", "--sparsity",
                              "0.5", "--shots", "1"],
     "lobd-2:4": ["--method", "lobd", "--structure", "2:4", "--sparsity", "0.5", "--shots", "1"],

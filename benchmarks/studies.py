@@ -10,6 +10,7 @@ killed run resumes from its checkpoint, as in grid.py.
     python benchmarks/studies.py lora-steps      # how many low-rank steps a shot
     python benchmarks/studies.py calibration     # 8, 32 or 128 calibration windows
     python benchmarks/studies.py dtype           # float32 or bfloat16 weights
+    python benchmarks/studies.py units-order     # heads and MLP units by cost or cost per weight
     python benchmarks/studies.py STUDY --table-only
 
 max-correlate: one 10% unstructured shot of LLM Surgeon (the first shot of the paper's 5-shot
@@ -24,6 +25,9 @@ lora-steps: 10% rows and columns in 2 shots (the README's example) with 0, 3, 10
 steps a shot (its 3-step run is the README example's record, copied).
 dtype: the grid's protocol with float32 and with bfloat16 weights: 10% rows and columns in 2
 shots (3 low-rank steps a shot, the default) and 2:4 in one shot.
+units-order: the grid's protocol, heads and MLP units to 30% in 6 shots of 5% (as the grid's
+surgeon-units-30-shots-6), taken in order of cost or of cost per weight removed; the models at
+10, 20 and 30% saved compacted in out/ (for benchmarks/latency.py).
 calibration: the grid's protocol (64 evaluation windows) but 8, 32 or 128 calibration windows of
 512 tokens, for 2:4 in the paper's 5 shots (as the grid's surgeon-2:4: its 32-window run and the
 dense run are the grid's records, copied) and for 10% rows and columns in one shot.
@@ -86,6 +90,13 @@ STUDIES = {
             f"rowcol-10-windows-{n}": SURGEON + [
             "--structure", "rowcol", "--sparsity", "0.1", "--shots", "1", "--lora-steps", "0",
             "--nsamples", str(n)] for n in (128, 8, 32)},
+    },
+    "units-order": {
+        "protocol": {"nsamples": 32, "eval_windows": 64},
+        "runs": {f"units-30-order-{order}": SURGEON + [
+            "--structure", "units", "--sparsity", "0.3", "--shots", "6", "--lora-steps", "0",
+            "--unit-order", order, "--compact", "--eval-every", "1", "--save-every", "2",
+            "--save", f"out/units-30-order-{order}"] for order in ("cost", "per-weight")},
     },
     "dtype": {
         "protocol": {"nsamples": 32, "eval_windows": 64},
