@@ -465,6 +465,7 @@ def broken_file(folder):
 # The model's layers, checked from its config alone
 
 
+FUSED = {"attention": "q, k and v (qkv_proj, query_key_value)", "MLP": "gate and up (gate_up_proj)"}
 EXPERTS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
 
 
@@ -495,14 +496,17 @@ def check_shapes(args, settings, calib):
                         and getattr(m, "weight", None) is not None and m.weight.dim() == 2})
         fail(f"{args.model}: no prunable nn.Linear layers (its weight matrices sit in "
              f"{', '.join(kinds) or 'no layer'} modules; only nn.Linear is pruned)")
+    fused = compaction.uncuttable(skeleton) if args.structure in surgeon.LINES else []
+    if fused and args.structure == "units":
+        fail(f"{args.model}: --structure units needs separate projections, and the blocks of this "
+             f"{config.model_type} model fuse their {' and their '.join(FUSED[k] for k in fused)}"
+             f" in one layer; prune it with --structure rowcol (or unstructured, N:M) instead")
     try:
         scale.check(settings, layers, calib, pruned_structure(args, skeleton))
     except ValueError as err:
         fail(str(err))
     unpruned(skeleton, layers)
-    fused = compaction.uncuttable(skeleton) \
-        if args.compact and args.structure in surgeon.LINES else []
-    if fused:
+    if fused and args.compact:
         print(f"--compact: compaction finds no separate {' and no '.join(fused)} projections in "
               f"{args.model}'s blocks (fused layers such as qkv_proj or gate_up_proj), so it "
               "cuts nothing there; their zeros stay in place")
@@ -535,9 +539,15 @@ def pruned_structure(args, model):
 
 @contextmanager
 def working(desc):
-    """A progress line with the seconds so far, for a step that reports no progress itself
-    (shown once it has taken a second)."""
+    """The seconds of a step that reports no progress itself, once it has taken a second: on a
+    terminal a line that ticks; elsewhere (a log) one line when the step ends."""
     from tqdm import tqdm
+    if not sys.stderr.isatty():
+        tic = time.perf_counter()
+        yield
+        if time.perf_counter() - tic >= 1 and main_rank():
+            print(f"{desc}: {tqdm.format_interval(time.perf_counter() - tic)}", file=sys.stderr)
+        return
     bar = tqdm(desc=desc, bar_format="{desc}: {elapsed}", leave=False, file=sys.stderr,
                disable=not main_rank(), delay=1)
     done = threading.Event()
@@ -553,6 +563,41 @@ def working(desc):
         done.set()
         ticker.join()
         bar.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# Saved folders, and the pruned model kept whatever fails after the pruning
+
+
+def mark_saved(folder, settings, ppl, **shot):
+    """SAVED in the folder: the run's settings, the perplexity, and of a --save-every folder the
+    shot and sparsity it holds."""
+    with open(os.path.join(folder, SAVED), "w") as f:
+        json.dump({"settings": settings, "ppl_pruned": ppl, **shot}, f)
+    print(f"saved to {folder}")
+
+
+@contextmanager
+def pruning_kept(model, tokenizer, folder, record, pruned):
+    """A failure after the pruning (evaluation, compaction, saving) does not lose the pruned
+    model: it is saved as it is, in `folder` (--save) or else in a new temporary folder, before
+    one error line says what failed and where the model is (exit 1)."""
+    try:
+        yield
+    except Exception as err:
+        if not pruned or not main_rank():
+            raise
+        what = f"after the pruning, {type(err).__name__}: {one_line(err)}"
+        for where in (folder, None):
+            try:
+                where = where or tempfile.mkdtemp(prefix="llm-surgeon-pruned-")
+                compaction.save(model, tokenizer, where, compaction.shapes(model))
+                mark_saved(where, record["settings"], record["ppl_pruned"])
+            except Exception:
+                continue
+            raise Failure(f"{what}. The pruned model is saved in {where} (it loads with "
+                          f"--model {where}, or run_opt.load)", code=1) from err
+        raise
 
 
 # ----------------------------------------------------------------------------------------------
@@ -636,7 +681,7 @@ def command_line(run, argv=None):
     except Failure as err:
         if main_rank():
             print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(err.code)
     except (Interrupted, KeyboardInterrupt) as err:
         what = "terminated" if isinstance(err, Terminated) or getattr(err, "terminated", False) \
             else "interrupted"
@@ -668,7 +713,12 @@ def terminate(signum, frame):
 
 
 class Failure(Exception):
-    """An input that cannot work; `main` prints it as one `error:` line and exits with 2."""
+    """An input that cannot work (or a run that failed): `main` prints it as one `error:` line
+    and exits with `code`, 2 for an input."""
+
+    def __init__(self, message, code=2):
+        super().__init__(message)
+        self.code = code
 
 
 class Interrupted(Exception):

@@ -1,8 +1,8 @@
 """Compaction: after rows-and-columns pruning, cut what is dead out of the weight matrices, so
 that the model really gets smaller and faster. Not part of the paper's method, and model-aware
 in the names it looks for: an MLP is (fc1, fc2) as in OPT or (gate_proj, up_proj, down_proj) as
-in Llama; attention is q/k/v_proj with o_proj or out_proj and a head_dim attribute (units.py
-knows them).
+in Llama; attention is q/k/v_proj with o_proj, out_proj or dense and a head_dim attribute
+(units.py knows them).
 
 "Dead" means: removing it changes no output of the model.
 """
@@ -14,12 +14,12 @@ import torch
 import torch.nn as nn
 
 from surgeon import get_matrix, prunable_layers
-from units import kind_of, mlp_of, silent_at_zero
+from units import kind_of, mlp_of, output_of, silent_at_zero
 
 
 def _all_zero(x: torch.Tensor) -> torch.Tensor:
-    """(k, ...) -> (k,): True where the slice x[i] is all zero."""
-    return x.reshape(len(x), -1).eq(0).all(1)
+    """(k, ...) -> (k,): True where the slice x[i] is all zero (an empty slice is)."""
+    return x.eq(0).flatten(1).all(1)
 @torch.no_grad()
 def _keep(layer: nn.Linear, rows=None, cols=None):
     """Shrink a layer in place to the kept output rows / input columns."""
@@ -83,7 +83,7 @@ def _compact_attention(attn: nn.Module) -> int:
     to one head per query head (_expand_kv), so that attention computes as if multi-head.
     Returns the query heads removed."""
     q, k, v = attn.q_proj, attn.k_proj, attn.v_proj
-    o = attn.o_proj if hasattr(attn, "o_proj") else attn.out_proj
+    o = output_of(attn)
     d, dev = attn.head_dim, q.weight.device
     heads, kv = q.out_features // d, k.out_features // d
     kv_of = torch.tensor(getattr(attn, "kv_index", None) or
@@ -157,7 +157,8 @@ def compact(model: nn.Module, multiple: int = 1) -> dict:
     layers = prunable_layers(model)
     report["params_after"] = sum(p.numel() for p in model.parameters())
     report["zeros_kept"] = sum(int((l.weight == 0).sum()) for l in layers.values())
-    report["zero_columns_kept"] = sum(int(_all_zero(l.weight.T).sum()) for l in layers.values())
+    report["zero_columns_kept"] = sum(int(_all_zero(l.weight.T).sum()) for l in layers.values()
+                                      if l.out_features)             # an emptied MLP's: none
     report["shapes"] = shapes(model)
     return report
 

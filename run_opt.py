@@ -34,9 +34,10 @@ import command
 import compact as compaction
 import scale
 import surgeon
-from command import (CHECKPOINT, SAVED, Interrupted, Terminated, compacted_quietly, fail,
-                     loading, main_rank, parse_args, pruned_structure, read_checkpoint, read_text,
-                     saved_shots, start_ranks, validate, working, world_size, write_checkpoint)
+from command import (CHECKPOINT, Interrupted, Terminated, compacted_quietly, fail,
+                     loading, main_rank, mark_saved, parse_args, pruned_structure, pruning_kept,
+                     read_checkpoint, read_text, saved_shots, start_ranks, validate, working,
+                     world_size, write_checkpoint)
 
 WIKITEXT = ("Salesforce/wikitext", "wikitext-2-raw-v1")
 
@@ -133,21 +134,23 @@ def pipeline(args, device, pruner: Pruner):
               f"{record['ppl_dense']:.2f}")
     record.update(ppl_pruned=record["ppl_dense"], sparsity=record["sparsity_before"],
                   layers=surgeon.layer_sparsity(layers), shots=[])
-    after = None
     if pruner.prunes:
         with stage(record, "prune", device):
             report = pruner.prune(model, layers, calib, test, device, record)
-        with stage(record, "eval_pruned", device):
-            last = report["shots"][-1] if report["shots"] else {}
-            record["ppl_pruned"] = last["ppl"] if "ppl" in last else \
-                perplexity(model, test, device, "eval pruned")     # evaluated after its last shot
-        record.update(sparsity=report["sparsity"], layers=report["layers"], shots=report["shots"])
-        print_pruned(record, layers)
-    after = pruner.after(model, test, device, record)
-    if args.save and main_rank():
-        with stage(record, "save", device):
-            pruner.save(model, tokenizer, args.save, after, record)
-            mark_saved(args.save, record["settings"], record["ppl_pruned"])
+    with pruning_kept(model, tokenizer, args.save, record, pruner.prunes):   # whatever fails now
+        if pruner.prunes:
+            with stage(record, "eval_pruned", device):
+                last = report["shots"][-1] if report["shots"] else {}
+                record["ppl_pruned"] = last["ppl"] if "ppl" in last else \
+                    perplexity(model, test, device, "eval pruned")  # evaluated after its last shot
+            record.update(sparsity=report["sparsity"], layers=report["layers"],
+                          shots=report["shots"])
+            print_pruned(record, layers)
+        after = pruner.after(model, test, device, record)
+        if args.save and main_rank():
+            with stage(record, "save", device):
+                pruner.save(model, tokenizer, args.save, after, record)
+                mark_saved(args.save, record["settings"], record["ppl_pruned"])
     gather_peaks(record)
     print("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in record["seconds"].items())
           + f"; peak memory {max(record['peak_memory_mb'].values()):.0f} MB")
@@ -503,14 +506,6 @@ def prune_stage(args, settings, model, layers, calib, test, device, keep=None):
             "no checkpoint was written (--checkpoint DIR keeps one after every shot)",
             terminated=isinstance(err, Terminated)) from None
     return {**report, "shots": shots, "first_shot": first, **removed()}
-
-
-def mark_saved(folder, settings, ppl, **shot):
-    """SAVED in the folder: the run's settings, the perplexity, and of a --save-every folder the
-    shot and sparsity it holds."""
-    with open(os.path.join(folder, SAVED), "w") as f:
-        json.dump({"settings": settings, "ppl_pruned": ppl, **shot}, f)
-    print(f"saved to {folder}")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -745,7 +745,10 @@ def test_every_long_stage_shows_progress(files, capsys):
     import time
     with command.working("tokenize train.txt"):           # shown once it takes a second
         time.sleep(1.6)
-    assert "tokenize train.txt: 00:01" in capsys.readouterr().err
+    assert capsys.readouterr().err == "tokenize train.txt: 00:01\n"   # not a terminal: one line
+    with command.working("tokenize test.txt"):            # a second is not reached: nothing
+        pass
+    assert capsys.readouterr().err == ""
 
 
 def test_a_hub_id_without_a_hub_fails_in_seconds(capsys, monkeypatch):
@@ -798,3 +801,122 @@ def test_ranks_other_than_0_check_the_outputs_too_writing_nothing(files, tmp_pat
         with pytest.raises(command.Failure, match=message.replace("(", r"\(").replace(")", r"\)")):
             command.validate(args)
     assert sorted(p.name for p in tmp_path.rglob("*")) == before
+
+
+@pytest.mark.parametrize("save", [True, False])
+def test_a_failure_after_the_pruning_keeps_the_pruned_model(files, tmp_path, capsys, monkeypatch,
+                                                             save):
+    """Compaction fails after the pruning: the pruned model is saved as it is (in --save DIR, or
+    in a temporary folder) before the error line names the failure and the folder (exit 1)."""
+    import compact
+
+    def broken(model, multiple=1):
+        raise RuntimeError("compaction broke")
+    monkeypatch.setattr(compact, "compact", broken)
+    extra = ("--save", str(tmp_path / "model")) if save else ()
+    with pytest.raises(SystemExit) as exit:
+        run_opt.main(args_for(files, "llama", "--structure", "units", "--sparsity", "0.3",
+                              "--compact", *extra))
+    assert exit.value.code == 1
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("error: after the pruning, RuntimeError: compaction broke. The pruned "
+                           "model is saved in "), line
+    folder = line.split("saved in ")[1].split(" ")[0]
+    assert folder == str(tmp_path / "model") or not save
+    marker = json.loads(open(os.path.join(folder, command.SAVED)).read())
+    again = run_opt.main(["--model", folder, "--sparsity", "0", "--test-file",
+                          str(files / "test.txt"), "--seqlen", "32", "--eval-windows", "4",
+                          "--device", "cpu"])
+    assert again["ppl_dense"] == pytest.approx(marker["ppl_pruned"], rel=1e-6)
+    assert again["sparsity"] > 0.25
+
+
+@pytest.mark.parametrize("sparsity", ["0.75", "0.99"])
+def test_units_that_empty_whole_mlps_compact_save_and_reload(files, tmp_path, sparsity):
+    """Every MLP unit gone (75%, 99%): the MLPs are cut to zero width, and the saved folder
+    loads with from_pretrained(trust_remote_code=True) and run_opt.load to the same logits,
+    the perplexity of the model before compaction."""
+    from transformers import AutoModelForCausalLM
+    record = run_opt.main(args_for(files, "llama", "--structure", "units", "--sparsity", sparsity,
+                                   "--compact", "--save", str(tmp_path / "model")))
+    assert record["ppl_compact"] == pytest.approx(record["ppl_pruned"], rel=1e-6)
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "model", trust_remote_code=True)
+    ours = run_opt.load(str(tmp_path / "model"))[0]
+    assert all(block.mlp.down_proj.in_features == 0 for block in plain.model.layers)
+    ids = torch.randint(0, 50, (2, 12))
+    with torch.no_grad():
+        assert torch.equal(plain(ids).logits, ours(ids).logits)
+    again = run_opt.main(["--model", str(tmp_path / "model"), "--sparsity", "0", "--test-file",
+                          str(files / "test.txt"), "--seqlen", "32", "--eval-windows", "4",
+                          "--device", "cpu"])
+    assert again["ppl_dense"] == pytest.approx(record["ppl_pruned"], rel=1e-6)
+
+
+def other_architecture(arch):
+    """A tiny random model of another architecture (the test tokenizer's 300 words)."""
+    import transformers as T
+    kinds = {"phi": (T.PhiConfig, T.PhiForCausalLM, {}),
+             "mistral": (T.MistralConfig, T.MistralForCausalLM, {"num_key_value_heads": 1}),
+             "qwen2": (T.Qwen2Config, T.Qwen2ForCausalLM, {"num_key_value_heads": 1}),
+             "phi3": (T.Phi3Config, T.Phi3ForCausalLM, {"pad_token_id": 0, "eos_token_id": 1,
+                                                       "bos_token_id": 1})}
+    config, model, extra = kinds[arch]
+    torch.manual_seed(0)
+    return model(config(vocab_size=300, hidden_size=16, intermediate_size=32,
+                        num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=64,
+                        **extra))
+
+
+@pytest.mark.parametrize("arch", ["phi", "mistral", "qwen2"])
+def test_units_prune_compact_and_reload_on_other_architectures(files, tmp_path, arch):
+    """Phi's output projection is `dense`; Mistral and Qwen2 are Llama's shape with biases or
+    sliding windows: heads and MLP units prune, compact and reload to the same perplexity."""
+    folder = tiny_folder(tmp_path, arch, other_architecture(arch), files)
+    args = args_for(files, "llama", "--structure", "units", "--sparsity", "0.3", "--compact",
+                    "--save", str(tmp_path / "model"))
+    args[1] = str(folder)
+    record = run_opt.main(args)
+    assert record["compact"]["mlp_units_removed"] > 0
+    assert record["ppl_compact"] == pytest.approx(record["ppl_pruned"], rel=1e-5)
+    again = run_opt.main(["--model", str(tmp_path / "model"), "--sparsity", "0", "--test-file",
+                          str(files / "test.txt"), "--seqlen", "32", "--eval-windows", "4",
+                          "--device", "cpu"])
+    assert again["ppl_dense"] == pytest.approx(record["ppl_pruned"], rel=1e-5)
+
+
+def test_units_on_fused_projections_is_one_line_before_loading(files, tmp_path, capsys,
+                                                               monkeypatch):
+    """Phi3 fuses q, k, v (qkv_proj) and gate, up (gate_up_proj): units cannot cut its heads
+    and MLP units, which one line says before the model loads, with what to run instead."""
+    folder = tiny_folder(tmp_path, "phi3", other_architecture("phi3"), files)
+    capsys.readouterr()
+    monkeypatch.setattr(run_opt, "load_model", no_loading)
+    args = args_for(files, "llama", "--structure", "units", "--sparsity", "0.3")
+    args[1] = str(folder)
+    with pytest.raises(SystemExit) as exit:
+        run_opt.main(args)
+    line = one_error_line(capsys, exit)
+    assert "--structure units needs separate projections" in line and "phi3" in line
+    assert "q, k and v (qkv_proj" in line and "gate and up" in line and "rowcol" in line
+
+
+@pytest.mark.parametrize("extra,message", [
+    (("--structure", "rowcol", "--unit-cost", "lines"),
+     "--unit-cost does nothing with --structure rowcol: it is for --structure units"),
+    (("--structure", "2:4", "--sparsity", "0.5", "--unit-order", "per-weight"),
+     "--unit-order does nothing with --structure 2:4"),
+    (("--compact-multiple", "8",), "--compact-multiple does nothing with no --compact"),
+    (("--structure", "unstructured", "--damp-costs"), "--damp-costs does nothing with"),
+    (("--structure", "rowcol", "--max-correlate", "4"), "--max-correlate does nothing with"),
+    (("--method", "kobd", "--damp-g", "0.2"), "--damp-g does nothing with --method kobd"),
+    (("--structure", "unstructured", "--lora-rank", "4"),
+     "--lora-rank does nothing with --lora-steps 0"),
+    (("--method", "magnitude", "--curvature-device", "cpu"),
+     "--curvature-device does nothing with --method magnitude"),
+])
+def test_a_flag_that_does_nothing_is_an_error_before_loading(files, capsys, monkeypatch, extra,
+                                                            message):
+    monkeypatch.setattr(run_opt, "load_model", no_loading)
+    with pytest.raises(SystemExit) as exit:
+        run_opt.main(args_for(files, "opt", *extra))
+    assert message in one_error_line(capsys, exit)

@@ -325,3 +325,26 @@ def test_the_target_counts_what_compaction_removes_whatever_zeros_were_there(mak
     compact.compact(model)
     left = sum(layer.weight.numel() for layer in surgeon.prunable_layers(model).values())
     assert total - left == removed
+
+
+@pytest.mark.parametrize("make", [tiny_opt, tiny_llama])
+def test_an_mlp_that_empties_first_is_cut_to_zero_width_and_reloads(make, tmp_path):
+    """Block 0's MLP loses every unit, block 1's none: compaction cuts block 0's MLP to zero
+    width, the logits stay, and the saved folder loads with from_pretrained to the same."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    files = make_files(tmp_path / "files")
+    model = make()
+    mlp = model.model.layers[0].mlp if make is tiny_llama else model.model.decoder.layers[0]
+    with torch.no_grad():
+        (mlp.down_proj if make is tiny_llama else mlp.fc2).weight.zero_()
+    ids = torch.randint(0, 50, (2, 12))
+    with torch.no_grad():
+        before = model(ids).logits
+        report = compact.compact(model)
+        assert torch.allclose(model(ids).logits, before, atol=1e-6)
+    assert (mlp.down_proj if make is tiny_llama else mlp.fc2).in_features == 0
+    tokenizer = AutoTokenizer.from_pretrained(files / ("llama" if make is tiny_llama else "opt"))
+    compact.save(model, tokenizer, tmp_path / "saved", report["shapes"])
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "saved", trust_remote_code=True)
+    with torch.no_grad():
+        assert torch.allclose(plain(ids).logits, before, atol=1e-6)

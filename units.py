@@ -252,8 +252,8 @@ def check(groups: list[UnitGroup], layers: dict[str, nn.Linear]):
     """Units need their groups; every line must fit its layer."""
     if not groups:
         raise ValueError("structure 'units' found no heads or MLP units in the model's blocks "
-                         "(units.find knows q/k/v_proj with o_proj or out_proj, fc1 and fc2, "
-                         "gate/up/down_proj)")
+                         "(units.find knows q/k/v_proj with o_proj, out_proj or dense; fc1 and "
+                         "fc2; gate/up/down_proj)")
     for group in groups:
         for name, axis, width, *shared in (*group.lines, *group.shared):
             layer = layers.get(name)
@@ -276,6 +276,12 @@ def kind_of(module: nn.Module) -> str | None:
         if all(hasattr(module, n) for n in names):
             return kind
     return None
+
+
+def output_of(attention: nn.Module) -> nn.Linear:
+    """The output projection of an attention block: o_proj (Llama), out_proj (OPT), dense (Phi)."""
+    return next(getattr(attention, n) for n in ("o_proj", "out_proj", "dense")
+                if hasattr(attention, n))
 
 
 def mlp_of(module: nn.Module, kind: str):
@@ -306,7 +312,7 @@ def find(model: nn.Module) -> list[UnitGroup]:
                                     list(range(first, len(lines)))))
         elif kind == "attention":
             q, k, v = (names[getattr(module, n)] for n in ("q_proj", "k_proj", "v_proj"))
-            o = names[module.o_proj if hasattr(module, "o_proj") else module.out_proj]
+            o = names[output_of(module)]
             d = module.head_dim
             heads, kv = module.q_proj.out_features // d, module.k_proj.out_features // d
             if kv == heads:
