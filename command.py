@@ -140,9 +140,9 @@ def parse_args(argv=None):
     p.add_argument("--unit-cost", choices=("cut", "lines"), default="cut",
                    help="units: a unit's cost is its cheapest cut's OBS cost, or the sum of its "
                         "lines' costs")
-    p.add_argument("--unit-order", choices=units.ORDERS, default="cost",
-                   help="units: units are taken in order of their cost, or of their cost per "
-                        "weight removed")
+    p.add_argument("--unit-order", choices=units.ORDERS, default="per-weight",
+                   help="units: units are taken in order of their cost per weight removed, or "
+                        "of their cost (benchmarks/README.md measures both)")
     p.add_argument("--lora-steps", type=count,
                    help="interleaved low-rank update steps after each shot (0: off; default 3 "
                    "for surgeon on rowcol and units, 0 otherwise)")

@@ -90,7 +90,13 @@ def _compact_attention(attn: nn.Module) -> int:
                          [h * kv // heads for h in range(heads)], device=dev)   # (heads,)
     dead = _all_zero(o.weight.T.reshape(heads, d, -1)) | \
         _all_zero(get_matrix(v).reshape(kv, d, -1))[kv_of]
-    dead[0] &= not dead.all()                           # attention needs a head
+    if dead.all():                                      # no head left: the block is skipped
+        none = torch.zeros(0, dtype=torch.long, device=dev)
+        for layer in (q, k, v):
+            _keep(layer, rows=none)
+        _keep(o, cols=none)
+        _headless(attn)
+        return heads
     keep_q = (~dead).nonzero()[:, 0]
     keep_kv, kv_of = torch.unique(kv_of[keep_q], return_inverse=True)        # sorted
     rows = lambda idx: (idx[:, None] * d + torch.arange(d, device=dev)).flatten()  # noqa: E731
@@ -188,6 +194,27 @@ def resize(model: nn.Module, spec: dict):
             if k != "kv_index":
                 setattr(attn, k, value)
         _expand_kv(attn, attrs.get("kv_index"))
+        if attn.q_proj.out_features == 0:
+            _headless(attn)
+
+
+def _headless(attn: nn.Module):
+    """An attention block without heads outputs its output projection's bias (or zeros) alone,
+    and gives a cache, where there is one, keys and values of no head for its positions."""
+    out = next(getattr(attn, n) for n in ("o_proj", "out_proj", "dense") if hasattr(attn, n))
+
+    def forward(hidden_states, *args, **kwargs):
+        cache = kwargs.get("cache", kwargs.get("past_key_values", kwargs.get("past_key_value")))
+        if hasattr(cache, "update") and getattr(attn, "layer_idx", None) is not None:
+            none = hidden_states.new_zeros(hidden_states.shape[0], 0, hidden_states.shape[1],
+                                           attn.head_dim)           # (batch, 0 heads, L, d)
+            cache.update(none, none, attn.layer_idx)
+        y = hidden_states.new_zeros(*hidden_states.shape[:-1], out.out_features)
+        return (y + out.bias if out.bias is not None else y), None
+    attn.forward = forward
+    for name in ("num_heads", "num_key_value_heads"):
+        if hasattr(attn, name):
+            setattr(attn, name, 0)
 
 
 # The saved format: a Hugging Face folder with a modeling file written here (MODELING: the
@@ -226,7 +253,8 @@ class CompactedForCausalLM({model_class}):
 
 # read when this module is imported, so that a run saves the code it ran with, even where this
 # file changed on disk since
-FUNCTIONS = "\n\n".join(inspect.getsource(f) for f in (_keep, _pad, resize, _expand_kv))
+FUNCTIONS = "\n\n".join(inspect.getsource(f) for f in (_keep, _pad, resize, _expand_kv,
+                                                        _headless))
 
 
 def is_compacted(folder) -> bool:

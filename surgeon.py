@@ -688,7 +688,7 @@ def count_zeros(layers: dict[str, nn.Linear]) -> int:
 
 
 def overall_sparsity(layers: dict[str, nn.Linear]) -> float:
-    return count_zeros(layers) / sum(layer.weight.numel() for layer in layers.values())
+    return count_zeros(layers) / max(1, sum(layer.weight.numel() for layer in layers.values()))
 
 
 def layer_sparsity(layers: dict[str, nn.Linear]) -> dict[str, float]:

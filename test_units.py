@@ -348,3 +348,23 @@ def test_an_mlp_that_empties_first_is_cut_to_zero_width_and_reloads(make, tmp_pa
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "saved", trust_remote_code=True)
     with torch.no_grad():
         assert torch.allclose(plain(ids).logits, before, atol=1e-6)
+
+
+@pytest.mark.parametrize("make", [tiny_opt, tiny_llama])
+def test_an_attention_without_heads_is_skipped_and_generates_the_same(make):
+    """Block 0's every head dead: compaction leaves it no head and skips it; the logits and
+    greedy generation with a cache stay the same."""
+    model = make()
+    blocks = model.model.layers if make is tiny_llama else model.model.decoder.layers
+    attn = blocks[0].self_attn
+    with torch.no_grad():
+        units_.output_of(attn).weight.zero_()
+    model.config.use_cache = True
+    ids = torch.randint(0, 50, (2, 12))
+    with torch.no_grad():
+        before = model(ids).logits
+        tokens = model.generate(ids[:1, :5], max_new_tokens=6, do_sample=False)
+        report = compact.compact(model)
+        assert torch.allclose(model(ids).logits, before, atol=1e-6)
+        assert torch.equal(model.generate(ids[:1, :5], max_new_tokens=6, do_sample=False), tokens)
+    assert report["heads_removed"] == 2 and attn.q_proj.out_features == 0

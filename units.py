@@ -98,7 +98,8 @@ class Units:
     """A candidate is a unit a model can lose whole (the module docstring). `groups` from `find`
     (or written for an architecture it does not know), `layers` the model's prunable layers in
     model order; cost "cut" (a unit's cheapest cut) or "lines" (the sum of its lines' costs);
-    order "cost" (units taken in order of cost) or "per-weight" (of cost per weight removed).
+    order "per-weight" (units taken in order of cost per weight removed; a head can hold 40 MLP
+    units' weights) or "cost" (in order of cost).
 
     The target counts what compaction removes: the weights of removed units (every line zero)
     and of shared lines all of whose units are removed. Scattered zeros elsewhere (a checkpoint
@@ -106,7 +107,7 @@ class Units:
     name = "units"
 
     def __init__(self, groups: list[UnitGroup], layers: dict[str, nn.Linear], cost: str = "cut",
-                 order: str = "cost"):
+                 order: str = "per-weight"):
         if cost not in ("cut", "lines"):
             raise ValueError(f"unit_cost must be 'cut' or 'lines', got {cost!r}")
         if order not in ORDERS:
@@ -324,13 +325,13 @@ def find(model: nn.Module) -> list[UnitGroup]:
     return groups
 
 
-def structure(model: nn.Module, cost: str = "cut", order: str = "cost") -> Units:
+def structure(model: nn.Module, cost: str = "cut", order: str = "per-weight") -> Units:
     """The units structure of a model, its units found by `find`."""
     return Units(find(model), surgeon.prunable_layers(model), cost, order)
 
 
-def prune(model: nn.Module, batches, settings: Settings, cost: str = "cut", order: str = "cost",
-          **kwargs):
+def prune(model: nn.Module, batches, settings: Settings, cost: str = "cut",
+          order: str = "per-weight", **kwargs):
     """scale.prune (checked, fast, over processes) with the model's units; settings.structure
     must be "units" (its schedule and low-rank defaults are rows and columns')."""
     import scale
