@@ -861,6 +861,12 @@ def other_architecture(arch):
     kinds = {"phi": (T.PhiConfig, T.PhiForCausalLM, {}),
              "mistral": (T.MistralConfig, T.MistralForCausalLM, {"num_key_value_heads": 1}),
              "qwen2": (T.Qwen2Config, T.Qwen2ForCausalLM, {"num_key_value_heads": 1}),
+             "qwen3": (T.Qwen3Config, T.Qwen3ForCausalLM, {"num_key_value_heads": 1,
+                                                          "head_dim": 8}),
+             "gemma2": (T.Gemma2Config, T.Gemma2ForCausalLM, {"num_key_value_heads": 1,
+                                                             "head_dim": 8}),
+             "stablelm": (T.StableLmConfig, T.StableLmForCausalLM, {"num_key_value_heads": 1}),
+             "granite": (T.GraniteConfig, T.GraniteForCausalLM, {"num_key_value_heads": 1}),
              "phi3": (T.Phi3Config, T.Phi3ForCausalLM, {"pad_token_id": 0, "eos_token_id": 1,
                                                        "bos_token_id": 1})}
     config, model, extra = kinds[arch]
@@ -870,16 +876,24 @@ def other_architecture(arch):
                         **extra))
 
 
-@pytest.mark.parametrize("arch", ["phi", "mistral", "qwen2"])
-def test_units_prune_compact_and_reload_on_other_architectures(files, tmp_path, arch):
-    """Phi's output projection is `dense`; Mistral and Qwen2 are Llama's shape with biases or
-    sliding windows: heads and MLP units prune, compact and reload to the same perplexity."""
+@pytest.mark.parametrize("arch", ["phi", "mistral", "qwen2", "qwen3", "gemma2", "stablelm",
+                                  "granite"])
+def test_units_prune_compact_and_reload_on_other_architectures(files, tmp_path, capsys, arch):
+    """Phi's output projection is `dense`; the others are Llama's shape with biases, norms or
+    sliding windows of their own: heads and MLP units prune to their target (counted as what
+    compaction removes, printed and recorded beside the sparsity), compact and reload to the
+    same perplexity."""
     folder = tiny_folder(tmp_path, arch, other_architecture(arch), files)
     args = args_for(files, "llama", "--structure", "units", "--sparsity", "0.3", "--compact",
                     "--save", str(tmp_path / "model"))
     args[1] = str(folder)
     record = run_opt.main(args)
     assert record["compact"]["mlp_units_removed"] > 0
+    assert 0.3 <= record["units_removed"] <= record["sparsity"]
+    assert [s["units_removed"] for s in record["shots"]][-1] == record["units_removed"]
+    out = capsys.readouterr().out
+    assert f"shot 2/2: sparsity {record['sparsity']:.4f} (units removed " in out
+    assert "in removed heads and MLP units (what compaction removes): " in out
     assert record["ppl_compact"] == pytest.approx(record["ppl_pruned"], rel=1e-5)
     again = run_opt.main(["--model", str(tmp_path / "model"), "--sparsity", "0", "--test-file",
                           str(files / "test.txt"), "--seqlen", "32", "--eval-windows", "4",
