@@ -700,18 +700,18 @@ def shot(model, layers, batches, target, cfg: Settings, structure, rt: Runtime, 
          t: int = 1):
     """One shot, as the module docstring shows it. Returns the seconds of each stage."""
     seconds, own = {}, rt.own(layers)                                      # one process: all
-    with rt.stage(seconds, "curvature"):                                    # Sec. 3.1
+    with rt.stage(seconds, "curvature"):                                   # Sec. 3.1
         factors = {} if cfg.method == "magnitude" else rt.factors(
             model, own, progress(batches, "curvature"), cfg.curvature_device)
 
     def quadratic_of(name, layer):                                         # Sec. 3.2, float64
         return quadratic(layer, *factors.get(name, (None, None)), cfg, name)
 
-    with rt.stage(seconds, "costs"):                                        # Sec. 3.3-3.4
+    with rt.stage(seconds, "costs"):                                       # Sec. 3.3-3.4
         cands = [structure.candidates(quadratic_of(name, layer), cfg)
                  for name, layer in progress(list(own.items()), "costs")]
         taken = structure.select(cands, target, count_zeros(layers), rt)
-    with rt.stage(seconds, "updates"):                                      # Sec. 3.3, Eq. 6-8
+    with rt.stage(seconds, "updates"):                                     # Sec. 3.3, Eq. 6-8
         for (name, layer), chosen, cand in zip(progress(list(own.items()), "updates"), taken,
                                                cands):
             set_matrix(layer, structure.update(quadratic_of(name, layer), chosen, cand, cfg, rt))
