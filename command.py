@@ -239,24 +239,22 @@ def validate(args):
 def unused_flags(args, given):
     """An error for a flag typed that the chosen structure, method or mode does not use."""
     method, structure = f"--method {args.method}", f"--structure {args.structure}"
-    rules = [("unit_cost", args.structure != "units", structure, "--structure units"),
-             ("unit_order", args.structure != "units", structure, "--structure units"),
-             ("damp_costs", args.structure not in surgeon.LINES, structure,
+    baselines = "--method surgeon (the baselines use the undamped curvature)"
+    rules = [(("unit_cost", "unit_order"), args.structure != "units", structure,
+              "--structure units"),
+             (("damp_costs",), args.structure not in surgeon.LINES, structure,
               "--structure rowcol or units"),
-             ("max_correlate", args.structure in surgeon.LINES, structure,
+             (("max_correlate",), args.structure in surgeon.LINES, structure,
               "the element updates of unstructured and N:M"),
-             ("max_correlate", args.method != "surgeon", method, "--method surgeon's updates"),
-             ("damp_a", args.method != "surgeon", method, "--method surgeon (the baselines "
-              "use the undamped curvature)"),
-             ("damp_g", args.method != "surgeon", method, "--method surgeon (the baselines "
-              "use the undamped curvature)"),
-             ("lora_rank", args.lora_steps == 0, "--lora-steps 0", "low-rank steps"),
-             ("lora_lr", args.lora_steps == 0, "--lora-steps 0", "low-rank steps"),
-             ("curvature_device", args.method == "magnitude", method, "a method with curvature"),
-             ("compact_multiple", not args.compact, "no --compact", "--compact")]
-    for dest, unused, here, needs in rules:
-        if dest in given and unused:
-            fail(f"--{dest.replace('_', '-')} does nothing with {here}: it is for {needs}")
+             (("max_correlate",), args.method != "surgeon", method, "--method surgeon's updates"),
+             (("damp_a", "damp_g"), args.method != "surgeon", method, baselines),
+             (("lora_rank", "lora_lr"), args.lora_steps == 0, "--lora-steps 0", "low-rank steps"),
+             (("curvature_device",), args.method == "magnitude", method, "a method with curvature"),
+             (("compact_multiple",), not args.compact, "no --compact", "--compact")]
+    for dests, unused, here, needs in rules:
+        for dest in dests:
+            if dest in given and unused:
+                fail(f"--{dest.replace('_', '-')} does nothing with {here}: it is for {needs}")
 
 
 def saved_shots(args, settings):

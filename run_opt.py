@@ -505,7 +505,8 @@ def prune_stage(args, settings, model, layers, calib, test, device, keep=None):
             "run the same command with --resume to go on" if args.checkpoint and shots else
             "no checkpoint was written (--checkpoint DIR keeps one after every shot)",
             terminated=isinstance(err, Terminated)) from None
-    return {**report, "shots": shots, "first_shot": first, **removed()}
+    last = {"units_removed": shots[-1]["units_removed"]} if structure and shots else removed()
+    return {**report, "shots": shots, "first_shot": first, **last}
 
 
 # ----------------------------------------------------------------------------------------------

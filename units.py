@@ -169,15 +169,15 @@ class Units:
         key[removed] = REMOVED
         order = key.argsort(stable=True)
         position, gain = surgeon.positions(order), self.size.masked_fill(removed, 0)
-        bonus, gone = torch.zeros_like(gain), int(self.size[removed].sum())
+        bonus = torch.zeros_like(gain)
         for (g, j), blocks in shared.items():                # a shared block's weights: with
             k, start = self.groups[g].shared[j][3], self.starts[g]   # the last of its units
             units = removed[start:self.starts[g + 1]].reshape(-1, k)
             last = position[start:self.starts[g + 1]].reshape(-1, k).argmax(1)
-            size = self.shared_size[g, j]
-            bonus[start + torch.arange(len(blocks)) * k + last] += size * ~units.all(1)
-            gone += size * int(units.all(1).sum())
-        taken = surgeon.shortest_prefix(key, order, (gain + bonus)[order].cumsum(0), target, gone)
+            bonus[start + torch.arange(len(blocks)) * k + last] += \
+                self.shared_size[g, j] * ~units.all(1)
+        taken = surgeon.shortest_prefix(key, order, (gain + bonus)[order].cumsum(0), target,
+                                        self.weights_of(removed))
         choice = torch.cat([c.argmin(1) for c in cut_cost])  # the cheapest cut of each unit
         return [self.to_remove(c.name, taken, choice) for c in cands]
 
@@ -201,20 +201,23 @@ class Units:
                 at_count += n
         return line_cost, own, shared
 
+    def weights_of(self, removed) -> int:
+        """The weights compaction removes with these units ((units,) bool): theirs, and those of
+        the shared lines all of whose units are among them."""
+        total = int(self.size[removed].sum())
+        for (g, j), size in self.shared_size.items():
+            units = removed[self.starts[g]:self.starts[g + 1]]
+            total += size * int(units.reshape(-1, self.groups[g].shared[j][3]).all(1).sum())
+        return total
+
     def removed_weights(self, layers: dict[str, nn.Linear]) -> int:
-        """What compaction removes now: the weights of the units whose lines are all zero, and
-        of the shared lines all of whose units are."""
+        """What compaction removes now: weights_of the units whose lines are all zero."""
         own = [torch.zeros(group.count, dtype=torch.long) for group in self.groups]
-        gone = 0
         for name, parts in self.parts.items():
             W = surgeon.get_matrix(layers[name])
             for part in (p for p in parts if p.share is None):
                 own[part.group] += nonzeros(W, layers[name].in_features, part).cpu()
-        removed = torch.cat(own) == 0
-        for (g, j), size in self.shared_size.items():
-            k, units = self.groups[g].shared[j][3], removed[self.starts[g]:self.starts[g + 1]]
-            gone += size * int(units.reshape(-1, k).all(1).sum())
-        return int(self.size[removed].sum()) + gone
+        return self.weights_of(torch.cat(own) == 0)
 
     def to_remove(self, name, taken, choice):
         """A layer's lines to remove: {(axis, "cut" or "dead"): indices}."""
