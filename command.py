@@ -469,7 +469,7 @@ EXPERTS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_expe
 
 def check_shapes(args, settings, calib):
     """The model's layers built from its config alone (on the meta device: no weights, no
-    memory), checked as `surgeon.check` checks the loaded ones: N:M widths, layers that are not
+    memory), checked as `scale.check` checks the loaded ones: N:M widths, layers that are not
     nn.Linear (GPT-2's Conv1D), mixtures of experts; and said: weight matrices of the blocks
     that are not pruned, fused projections that --compact cannot cut. A 7B model is refused in a
     second, not after minutes of loading."""
