@@ -337,7 +337,7 @@ def prune(model: nn.Module, batches, settings: Settings, cost: str = "cut",
           order: str = "per-weight", **kwargs):
     """scale.prune (checked, fast, over processes) with the model's units; settings.structure
     must be "units" (its schedule and low-rank defaults are rows and columns')."""
-    import scale
+    import scale                     # here only: Units itself needs no more than surgeon.py
     if settings.structure != "units":
         raise ValueError(f"units.prune prunes structure 'units', got {settings.structure!r}")
     return scale.prune(model, batches, settings, structure=structure(model, cost, order), **kwargs)
