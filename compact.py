@@ -201,7 +201,8 @@ def resize(model: nn.Module, spec: dict):
 def _headless(attn: nn.Module):
     """An attention block without heads outputs its output projection's bias (or zeros) alone,
     and gives a cache, where there is one, keys and values of no head for its positions."""
-    out = next(getattr(attn, n) for n in ("o_proj", "out_proj", "dense") if hasattr(attn, n))
+    out = next(getattr(attn, n) for n in ("o_proj", "out_proj", "dense")  # units.output_of's
+               if hasattr(attn, n))        # names: this source goes into modeling_compacted.py
 
     def forward(hidden_states, *args, **kwargs):
         cache = kwargs.get("cache", kwargs.get("past_key_values", kwargs.get("past_key_value")))

@@ -180,8 +180,9 @@ class Surgeon(Pruner):
         command.check_shapes(args, self.settings, calib)
 
     def check_model(self, model, layers, calib):
-        try:
-            scale.check(self.settings, layers, calib, pruned_structure(self.args, model))
+        try:                                         # the structure, built once and checked
+            self.structure = pruned_structure(self.args, model)
+            scale.check(self.settings, layers, calib, self.structure)
         except ValueError as err:
             fail(str(err))
 
@@ -190,7 +191,8 @@ class Surgeon(Pruner):
         if self.saved_shots:                        # the tokenizer, read once for every copy
             tokenizer = load_tokenizer(self.args.model)[0]
             keep = functools.partial(self.save_shot, model, tokenizer, record=record)
-        report = prune_stage(self.args, self.settings, model, layers, calib, test, device, keep)
+        report = prune_stage(self.args, self.settings, model, layers, calib, test, device, keep,
+                             self.structure)
         if "units_removed" in report:
             record["units_removed"] = report["units_removed"]
         if report["first_shot"] > 1:             # "prune" timed only this process's shots
@@ -459,9 +461,9 @@ def release_memory():
 # Pruning, with a checkpoint after every shot (command.py writes and reads them)
 
 
-def prune_stage(args, settings, model, layers, calib, test, device, keep=None):
+def prune_stage(args, settings, model, layers, calib, test, device, keep=None, structure=None):
     """scale.prune with progress, per-shot lines, checkpoints and resume; keep(shot) after each
-    shot's evaluation (--save-every)."""
+    shot's evaluation (--save-every); structure: units', where settings.structure's is not it."""
     from tqdm import tqdm
     first, shots = 1, []
     if args.resume:
@@ -469,7 +471,7 @@ def prune_stage(args, settings, model, layers, calib, test, device, keep=None):
         print(f"resuming from {args.checkpoint} after shot {first - 1}")
     print(f"pruning {args.sparsity:.0%} {args.structure} with {args.method}, "
           f"{settings.shots} shot{'s' if settings.shots > 1 else ''}")
-    structure, total = pruned_structure(args, model), sum(l.weight.numel() for l in layers.values())
+    total = sum(layer.weight.numel() for layer in layers.values())
 
     def removed():                          # units: the fraction in removed heads and MLP units
         return {"units_removed": structure.removed_weights(layers) / total} if structure else {}
