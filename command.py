@@ -25,9 +25,11 @@ from dataclasses import asdict, fields
 import torch
 
 import compact as compaction
+import gguf_export
 import scale
 import surgeon
 import units
+import zeroshot
 
 
 # ----------------------------------------------------------------------------------------------
@@ -75,6 +77,13 @@ def structure(text):
     except ValueError:
         raise argparse.ArgumentTypeError(f"structure must be unstructured, rowcol, units or N:M "
                                          f"with 0 < N < M, got {text!r}") from None
+
+
+def task_list(text):
+    tasks = [t.strip() for t in text.split(",") if t.strip()]
+    if not tasks:
+        raise argparse.ArgumentTypeError("name one lm-eval task or more, comma-separated")
+    return tasks
 
 
 def parse_args(argv=None):
@@ -159,6 +168,18 @@ def parse_args(argv=None):
                    help="with --save DIR: also save the model after every K-th shot, in "
                         "DIR-shot-K, compacted with --compact (holds a copy of the model while "
                         "it saves; 0: the last shot only)")
+    p.add_argument("--gguf", metavar="FILE",
+                   help="also write the pruned model (compacted with --compact) as one GGUF "
+                        "file that llama.cpp runs (Llama-family models)")
+    p.add_argument("--gguf-type", choices=gguf_export.TYPES, default="f32",
+                   help="--gguf: the weight matrices' type in the file")
+    p.add_argument("--tasks", type=task_list, metavar="T1,T2,...",
+                   help="zero-shot accuracy of the dense and the pruned model on these "
+                        "lm-evaluation-harness tasks (the peers report "
+                        f"{','.join(zeroshot.PEERS)}; needs pip install lm-eval)")
+    p.add_argument("--task-dir", metavar="DIR",
+                   help="--tasks: task definitions of your own in this folder (lm-eval's "
+                        "include path)")
     p.add_argument("--json", metavar="PATH", help="write settings and results as JSON here")
     args = p.parse_args(argv)
     for action in p._actions:                   # parsed again without defaults: what was typed
@@ -221,6 +242,20 @@ def validate(args):
                  "the shots you want with --sparsity and --shots of their own instead")
         for k in saved_shots(args, settings):
             writable_folder(f"{args.save}-shot-{k}", "--save-every", SAVED)
+    if args.gguf:
+        writable_file(args.gguf, "--gguf")
+        with loading(args.model):
+            from transformers import AutoConfig
+            reason = gguf_export.check(AutoConfig.from_pretrained(
+                args.model, trust_remote_code=compaction.is_compacted(args.model)))
+        if reason:
+            fail(f"{args.model}: {reason}")
+    if args.tasks:
+        if not hub_reachable():
+            offline()               # the tasks' data from the datasets cache alone
+        reason = zeroshot.check(args.tasks, args.task_dir)
+        if reason:
+            fail(reason)
     if args.resume and not args.checkpoint:
         fail("--resume needs --checkpoint DIR")
     if args.checkpoint:
@@ -250,7 +285,9 @@ def unused_flags(args, given):
              (("damp_a", "damp_g"), args.method != "surgeon", method, baselines),
              (("lora_rank", "lora_lr"), args.lora_steps == 0, "--lora-steps 0", "low-rank steps"),
              (("curvature_device",), args.method == "magnitude", method, "a method with curvature"),
-             (("compact_multiple",), not args.compact, "no --compact", "--compact")]
+             (("compact_multiple",), not args.compact, "no --compact", "--compact"),
+             (("gguf_type",), not args.gguf, "no --gguf", "--gguf FILE"),
+             (("task_dir",), not args.tasks, "no --tasks", "--tasks")]
     for dests, unused, here, needs in rules:
         for dest in dests:
             if dest in given and unused:
@@ -343,9 +380,10 @@ def hub_reachable(timeout=3.0) -> bool:
 
 def offline():
     """Hugging Face's offline mode for this process: the local cache alone."""
+    import datasets
     from huggingface_hub import constants
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    constants.HF_HUB_OFFLINE = True
+    os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"
+    constants.HF_HUB_OFFLINE = datasets.config.HF_DATASETS_OFFLINE = True
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
@@ -561,6 +599,22 @@ def working(desc):
         done.set()
         ticker.join()
         bar.close()
+
+
+def sparsity_table(layers: dict[str, float]) -> str:
+    """Blocks as rows, layer kinds (q_proj, fc1, ...) as columns, percent zero."""
+    grid, kinds = {}, []
+    for name, value in layers.items():
+        block = re.search(r"\.(\d+)\.", name)
+        kind = name.split(".")[-1]
+        kinds += [kind] if kind not in kinds else []
+        grid.setdefault(block.group(1) if block else "-", {})[kind] = value
+    width = [max(8, len(k)) for k in kinds]
+    lines = ["block " + " ".join(f"{k:>{w}}" for k, w in zip(kinds, width))]
+    for block, row in grid.items():
+        lines.append(f"{block:>5} " + " ".join(
+            f"{100 * row[k]:{w - 1}.1f}%" if k in row else " " * w for k, w in zip(kinds, width)))
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------------

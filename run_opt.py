@@ -19,7 +19,6 @@ import math
 import os
 import platform
 import random
-import re
 import resource
 import shutil
 import subprocess
@@ -32,12 +31,14 @@ import torch
 
 import command
 import compact as compaction
+import gguf_export
 import scale
 import surgeon
+import zeroshot
 from command import (CHECKPOINT, Interrupted, Terminated, compacted_quietly, fail,
                      loading, main_rank, mark_saved, parse_args, pruned_structure, pruning_kept,
-                     read_checkpoint, read_text, saved_shots, start_ranks, validate, working,
-                     world_size, write_checkpoint)
+                     read_checkpoint, read_text, saved_shots, sparsity_table, start_ranks,
+                     validate, working, world_size, write_checkpoint)
 
 WIKITEXT = ("Salesforce/wikitext", "wikitext-2-raw-v1")
 
@@ -73,6 +74,9 @@ RECORD = {              # the fields of the JSON record (--json), written down i
     "params_compact": "--compact: the model's parameters after compaction",
     "compact": "--compact: params_before/after, mlp_units_removed, mlp_units_padded, "
                "heads_removed, zeros_kept, zero_columns_kept",
+    "tasks_dense": "--tasks: {task: {acc, acc_norm}} of the dense model (lm-eval, zero-shot)",
+    "tasks_pruned": "--tasks: the same of the pruned model (compacted with --compact)",
+    "gguf": "--gguf: path, arch (llama or deci), type, params, each layer's widths, padding",
 }                       # a peer's Pruner adds its own (SliceGPT: width, blocks_weights_kept, ...)
 
 
@@ -132,6 +136,7 @@ def pipeline(args, device, pruner: Pruner):
             record["ppl_dense"] = perplexity(model, test, device, "eval dense")
         print(f"{'perplexity' if not pruner.prunes else 'dense perplexity'}: "
               f"{record['ppl_dense']:.2f}")
+        record["tasks_dense"] = zero_shot(args, model, tokenizer, record, device, "dense")
     record.update(ppl_pruned=record["ppl_dense"], sparsity=record["sparsity_before"],
                   layers=surgeon.layer_sparsity(layers), shots=[])
     if pruner.prunes:
@@ -147,10 +152,16 @@ def pipeline(args, device, pruner: Pruner):
                           shots=report["shots"])
             print_pruned(record, layers)
         after = pruner.after(model, test, device, record)
+        if pruner.prunes:
+            record["tasks_pruned"] = zero_shot(args, model, tokenizer, record, device, "pruned")
         if args.save and main_rank():
             with stage(record, "save", device):
                 pruner.save(model, tokenizer, args.save, after, record)
                 mark_saved(args.save, record["settings"], record["ppl_pruned"])
+        if args.gguf and main_rank():
+            with stage(record, "gguf", device):
+                record["gguf"] = gguf_export.write(model, tokenizer, args.gguf, args.gguf_type)
+            print(gguf_export.summary(record["gguf"]))
     gather_peaks(record)
     print("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in record["seconds"].items())
           + f"; peak memory {max(record['peak_memory_mb'].values()):.0f} MB")
@@ -237,6 +248,16 @@ class Surgeon(Pruner):
 
 # ----------------------------------------------------------------------------------------------
 # The record: settings, provenance, seconds and peak memory of every stage
+
+
+def zero_shot(args, model, tokenizer, record, device, which):
+    """--tasks: lm-eval's zero-shot accuracy of the model as it is now (rank 0 alone)."""
+    if not args.tasks or not main_rank():
+        return None
+    with stage(record, f"tasks_{which}", device):
+        results = zeroshot.evaluate(model, tokenizer, args.tasks, args.task_dir)
+    print(f"zero-shot accuracy, {which}: {zeroshot.summary(results)}")
+    return results
 
 
 def new_record(args, device):
@@ -525,22 +546,6 @@ def print_pruned(record, layers):
               f"{record['units_removed']:.4f} of them")
     dense = "not evaluated" if record["ppl_dense"] is None else f"{record['ppl_dense']:.2f}"
     print(f"perplexity: dense {dense} -> pruned {record['ppl_pruned']:.2f}")
-
-
-def sparsity_table(layers: dict[str, float]) -> str:
-    """Blocks as rows, layer kinds (q_proj, fc1, ...) as columns, percent zero."""
-    grid, kinds = {}, []
-    for name, value in layers.items():
-        block = re.search(r"\.(\d+)\.", name)
-        kind = name.split(".")[-1]
-        kinds += [kind] if kind not in kinds else []
-        grid.setdefault(block.group(1) if block else "-", {})[kind] = value
-    width = [max(8, len(k)) for k in kinds]
-    lines = ["block " + " ".join(f"{k:>{w}}" for k, w in zip(kinds, width))]
-    for block, row in grid.items():
-        lines.append(f"{block:>5} " + " ".join(
-            f"{100 * row[k]:{w - 1}.1f}%" if k in row else " " * w for k, w in zip(kinds, width)))
-    return "\n".join(lines)
 
 
 def compact_stage(model, test, device, record, multiple=1):
