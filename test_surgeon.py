@@ -126,17 +126,27 @@ def test_remove_elements_in_row_chunks(max_correlate):
 
 @pytest.mark.parametrize("max_correlate", [1, 3, 5, 100])
 @pytest.mark.parametrize("lazy_rows", [1, 2, 128])
-def test_remove_elements_fast_path_equals_the_plain_version(max_correlate, lazy_rows,
+@pytest.mark.parametrize("density", [0.35, 0.7, 1.0])
+def test_remove_elements_fast_path_equals_the_plain_version(max_correlate, lazy_rows, density,
                                                             monkeypatch):
     """The lazy blocks of updates (one row a block, several, all rows in one) and the plain loop
-    over chunks give the same weights; dead rows and columns included."""
+    over chunks give the same weights; dead rows and columns included. Rows that remove more
+    than they keep (density 0.7; 1.0: every live weight) are solved through the kept weights."""
     monkeypatch.setattr(scale, "LAZY_ROWS", lazy_rows)
     W, A, G, A_inv, G_inv = tiny_layer(m=9, n=7, seed=6)
     A_inv[3], A_inv[:, 3], G_inv[2], G_inv[:, 2] = 0, 0, 0, 0          # dead: no solve
-    Q = torch.rand(W.shape, generator=torch.Generator().manual_seed(6)) < 0.35
+    Q = torch.rand(W.shape, generator=torch.Generator().manual_seed(6)) < density
+    Q[0] = torch.arange(7) < 2                                         # one row keeps most
+    through_kept = []
+    real = scale.chunk_update
+    monkeypatch.setattr(scale, "chunk_update", lambda w, i, j, r, n, A_inv, G_inv, A, live: (
+        through_kept.append(n == 1 and A is not None and 2 * len(j) > int(live.sum()))
+        or real(w, i, j, r, n, A_inv, G_inv, A, live)))
     fast = scale.remove_elements_lazily(W, A_inv, G_inv, Q, max_correlate)
     plain = remove_elements(W, A_inv, G_inv, Q, max_correlate)
     assert torch.allclose(fast, plain, atol=1e-12, rtol=0) and (fast[Q] == 0).all()
+    assert any(through_kept) or density < 0.5 or max_correlate == 100
+    assert not all(through_kept)
 
 
 def test_row_chunks_with_identity_G_are_exact_per_row_obs():
