@@ -106,6 +106,38 @@ def factor_memory_note(rec, layers, device):
                           "memory with curvature_device='cpu' (--curvature-device cpu)") from err
 
 
+KEEP_FREE = 0.25            # the share of a device's memory that kept quadratic models leave free
+
+
+def memory(device) -> tuple[int, int] | None:
+    """(free, total) bytes of the device now: CUDA's, or Linux's MemAvailable and MemTotal."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)
+    try:
+        with open("/proc/meminfo") as f:
+            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
+        return info["MemAvailable"], info["MemTotal"]
+    except (OSError, KeyError, ValueError, IndexError):
+        return None
+
+
+def quadratic_bytes(quad) -> int:
+    return sum(t.numel() * t.element_size() for t in vars(quad).values()
+               if isinstance(t, torch.Tensor))
+
+
+def keeps(quad) -> bool:
+    """Whether a layer's quadratic model (W~, A_inv, G_inv, ...: quadratic_bytes) stays in memory
+    from the costs to the update, so that its inverses are computed once a shot instead of
+    twice: where there are inverses, and the device keeps KEEP_FREE of its memory free after
+    it, and room for twice the model (the update's work)."""
+    if quad.A_inv is None and quad.G_inv is None:
+        return False
+    free_total = memory(quad.W.device)
+    need = quadratic_bytes(quad)
+    return free_total is not None and free_total[0] - 3 * need >= KEEP_FREE * free_total[1]
+
+
 @contextmanager
 def highest_precision():
     """float32 matrix products in full precision (no TF32 on CUDA) inside, as before outside."""
@@ -290,6 +322,9 @@ class Fast(surgeon.Runtime):
 
     def remove_elements(self, W, A_inv, G_inv, mask, max_correlate):
         return remove_elements_lazily(W, A_inv, G_inv, mask, max_correlate)
+
+    def keep(self, quad, kept):
+        return keeps(quad)
 
     def sum(self, x: torch.Tensor) -> torch.Tensor:        # over the processes
         return x

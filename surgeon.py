@@ -18,7 +18,7 @@ One shot t of `shots` (`shot`, called by `prune` for t = 1 .. shots):
         candidates += structure.candidates(quad)             # Sec. 3.3: OBS cost of every candidate
     taken = structure.select(candidates, target)             # Sec. 3.4: one threshold, all layers
     for each layer:
-        quad = quadratic(layer, A, G)                        # again: one layer at a time
+        quad = quadratic(layer, A, G)                        # again, unless the runtime kept it
         W~ = structure.update(quad, taken, candidates)       # Sec. 3.3: OBS update, Eq. 6-8
     low_rank_phase(model, layers, batches)                   # Sec. 3.5, if lora_steps > 0
 
@@ -30,13 +30,11 @@ G = E[g g^T] (m, m), both undamped; A_hat, G_hat are damped, A_inv, G_inv the in
 A_hat, G_hat; alpha (k,), gamma (m,) the precisions of single coordinates; dW an update; cost a
 candidate's loss increase; quad one layer's quadratic model (the paper's q is an index).
 
-Precision. The model keeps its dtype (float32, bfloat16 or float16): x and g are cast to float32
-before the outer products, costs and updates are float64, W~ is written back rounded to the
-model's dtype (a removed weight as an exact 0), and the low-rank adapters train in float32.
-
-Beside this file, plugged in where it says so: units.py, heads and MLP units (a structure,
-section 6); scale.py, a runtime (section 8) with the fast kernels, several processes, the checks
-and memory notes, and access to weights that accelerate keeps off the device (section 2).
+Precision. The model keeps its dtype: x and g are cast to float32 before the outer products,
+costs and updates are float64, W~ is written back in the model's dtype (removed: an exact 0),
+the low-rank adapters train in float32. Beside this file, plugged in where it says so: units.py,
+heads and MLP units (a structure, section 6); scale.py, a runtime (section 8: fast kernels,
+several processes, checks and memory notes, weights that accelerate keeps off the device).
 """
 import itertools
 import math
@@ -110,9 +108,8 @@ def weights_of(layer: nn.Linear):
 
 def get_matrix(layer: nn.Linear) -> torch.Tensor:
     """W~ = [W | b] in float64, (m, n+1) with a bias, (m, n) without."""
-    W, b = weights_of(layer)
-    W = W.detach().double()
-    return W if b is None else torch.cat([W, b.detach().double()[:, None]], 1)
+    W, b = (x.detach().double() if x is not None else None for x in weights_of(layer))
+    return W if b is None else torch.cat([W, b[:, None]], 1)
 
 
 @torch.no_grad()
@@ -655,8 +652,7 @@ def low_rank_phase(model: nn.Module, layers: dict[str, nn.Linear], batches, cfg:
 
 
 class Runtime:
-    """What a shot asks of the machine it runs on: here one process and the plain code above.
-    scale.py's runtimes compute the same faster, and over several processes."""
+    """What a shot asks of the machine: here one process, the code above (scale.py: faster)."""
 
     def own(self, layers: dict) -> dict:            # the layers this process prunes
         return layers
@@ -669,6 +665,9 @@ class Runtime:
 
     def remove_elements(self, W, A_inv, G_inv, mask, max_correlate):
         return remove_elements(W, A_inv, G_inv, mask, max_correlate)
+
+    def keep(self, quad: Quadratic, kept: dict) -> bool:   # from the costs to the update (else
+        return False                                       # computed again: the least memory)
 
     def gather(self, vectors: list[torch.Tensor]):  # every layer's, in model order, and where
         return torch.cat(vectors), 0                # this process's own begin
@@ -703,12 +702,15 @@ def shot(model, layers, batches, target, cfg: Settings, structure, rt: Runtime, 
     with rt.stage(seconds, "curvature"):                                   # Sec. 3.1
         factors = {} if cfg.method == "magnitude" else rt.factors(
             model, own, progress(batches, "curvature"), cfg.curvature_device)
+    kept = {}                                  # the models that the runtime keeps for the update
 
-    def quadratic_of(name, layer):                                         # Sec. 3.2, float64
-        return quadratic(layer, *factors.get(name, (None, None)), cfg, name)
+    def quadratic_of(name, layer, keep=False):                             # Sec. 3.2, float64
+        quad = kept.pop(name, None) or quadratic(layer, *factors.get(name, (None, None)), cfg, name)
+        kept.update({name: quad} if keep and rt.keep(quad, kept) else {})
+        return quad
 
     with rt.stage(seconds, "costs"):                                       # Sec. 3.3-3.4
-        cands = [structure.candidates(quadratic_of(name, layer), cfg)
+        cands = [structure.candidates(quadratic_of(name, layer, keep=True), cfg)
                  for name, layer in progress(list(own.items()), "costs")]
         taken = structure.select(cands, target, count_zeros(layers), rt)
     with rt.stage(seconds, "updates"):                                     # Sec. 3.3, Eq. 6-8

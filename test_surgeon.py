@@ -1038,3 +1038,27 @@ def test_scale_prune_is_the_plain_prune(structure, sparsity):
     for a, b in zip(*(surgeon.prunable_layers(m).values() for m in models)):
         assert torch.equal(a.weight == 0, b.weight == 0)
         assert torch.allclose(a.weight, b.weight, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("structure", ["unstructured", "rowcol"])
+def test_fast_runtime_inverts_once_a_shot_where_memory_allows(structure, monkeypatch):
+    """The plain runtime builds each layer's quadratic model (its inverses) for the costs and
+    again for the update; scale's keeps it in between where memory allows, and builds it again
+    where it does not: the same weights bit for bit either way."""
+    calls = []
+    real = surgeon.quadratic
+    monkeypatch.setattr(surgeon, "quadratic", lambda *a, **k: calls.append(a[-1]) or real(*a, **k))
+    s = Settings(sparsity=0.3, structure=structure, shots=2, lora_steps=0)
+    models = [tiny_llama(), tiny_llama(), tiny_llama()]
+    n = len(surgeon.prunable_layers(models[0]))
+    surgeon.prune(models[0], calib(), s)
+    assert len(calls) == 2 * 2 * n                                  # 2 shots, twice a layer
+    calls.clear()
+    scale.prune(models[1], calib(), s)
+    assert len(calls) == 2 * n                                      # once a layer a shot
+    calls.clear()
+    monkeypatch.setattr(scale, "memory", lambda device: (2**20, 2**30))    # no room
+    scale.prune(models[2], calib(), s)
+    assert len(calls) == 2 * 2 * n
+    for a, b in zip(*(surgeon.prunable_layers(m).values() for m in models[1:])):
+        assert torch.equal(a.weight, b.weight)
