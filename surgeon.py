@@ -61,17 +61,13 @@ class Settings:
     sparsity: float = 0.5             # fraction of the pruned layers' weights that end at zero
     structure: str = "rowcol"         # "unstructured" | "N:M" (2:4, 4:8, ...) | "rowcol" | "units"
     method: str = "surgeon"           # "surgeon" | "kobd" | "lobd" | "magnitude" (Sec. 4 baselines)
-    shots: int | None = None          # None: rowcol, units 1.25% a shot (paper: 24 to 30%);
-                                      # 5 for unstructured and N:M (paper)
+    shots: int | None = None          # None: rowcol, units 1.25% a shot (paper), else 5 (paper)
     damp_a: float = 0.01              # lambda_A, relative to the mean live diagonal of A
     damp_g: float = 0.1               # lambda_G, likewise (the paper: 0.01 for rowcol)
-    damp_costs: bool = False          # rowcol, units: the costs' forms w^T A w, w^T G w with
-                                      # the undamped A, G as the authors' code; True: A_hat, G_hat
-    max_correlate: int = 1            # most removed weights solved together in an element update:
-                                      # 1 is a row at a time (the authors' code: 2000)
+    damp_costs: bool = False          # rowcol, units: forms with A_hat, G_hat (the authors': A, G)
+    max_correlate: int = 1            # removed weights solved together (a row; the authors: 2000)
     curvature_device: str | None = None   # where A and G live; None: the model's device
-    lora_steps: int | None = None     # interleaved low-rank steps after each shot (0: off);
-                                      # None: 3 for LLM Surgeon on rowcol, units, else 0
+    lora_steps: int | None = None     # low-rank steps a shot (None: 3 for surgeon on LINES, else 0)
     lora_rank: int = 8
     lora_lr: float = 1e-4
 
@@ -207,9 +203,8 @@ def frozen_with_hooks(model, hooks: dict):
 
 def kfac_factors(model: nn.Module, layers: dict[str, nn.Linear], batches, device=None,
                  rec: Recorder | None = None):
-    """A and G of every layer, averaged over the labelled tokens: {name: (A, G)}, float32 on
-    `device` (default: the model's); A is (k, k), with the bias coordinate where the layer has a
-    bias. Layers that read the same input tensor share one A object."""
+    """{name: (A, G)} of every layer, averaged over the labelled tokens, float32 on `device`
+    (default: the model's); A (k, k) with the bias coordinate, one object per input tensor."""
     rec = rec or Recorder(device or next(model.parameters()).device)
     hooks = {layer: rec.forward_hook(name) for name, layer in layers.items()}
     with frozen_with_hooks(model, hooks):
