@@ -15,6 +15,7 @@ Memory. A shot holds the model, the factors (float32, one A per input tensor tha
 read, on `curvature_device`), one float32 cost per candidate, and the float64 workspace of one
 layer at a time: its inverses are computed for the costs and again for the update.
 """
+import itertools
 import math
 from contextlib import contextmanager
 
@@ -187,11 +188,25 @@ def mirror(S: torch.Tensor) -> torch.Tensor:
 class FastRecorder(surgeon.Recorder):
     """surgeon.Recorder with the blocked Gram sums."""
 
-    def add_gram(self, S, z):
-        add_gram(S, z)
+    def add_gram(self, sums, key, z):
+        if key not in sums:
+            sums[key] = z.new_zeros(z.shape[1], z.shape[1])
+        add_gram(sums[key], z)
 
     def gram(self, S):
         return mirror(S)
+
+
+class Terms(FastRecorder):
+    """A window's terms of the sums, kept instead of added: ("x", source) -> labelled inputs,
+    ("g", layer) -> output gradients (Ranks.factors sends them to the layers' owners)."""
+
+    def __init__(self, device):
+        super().__init__(device)
+        self.terms = {}
+
+    def add_gram(self, sums, key, z):
+        self.terms["x" if sums is self.xx_sum else "g", key] = z
 
 
 def remove_elements_lazily(W, A_inv, G_inv, mask, max_correlate):
@@ -338,9 +353,9 @@ def runtime(layers: dict[str, nn.Linear]) -> Fast:
 
 
 class Ranks(Fast):
-    """The processes of torch.distributed (e.g. torchrun). Each holds the model and runs every
-    calibration window; each layer is owned by one process, which alone records its factors,
-    inverts, costs and updates it; layers are owned in contiguous shares in model order, balanced
+    """The processes of torch.distributed (e.g. torchrun). Each holds the model and runs its
+    share of the calibration windows; each layer is owned by one process, which alone sums its
+    factors, inverts, costs and updates it; layers are owned in contiguous shares in model order, balanced
     by the factors' size (n+1)^2 + m^2. The threshold sums counts over the processes (exact), the
     owners send their layers' new weights to all: the single process's result, bit for bit."""
 
@@ -366,17 +381,40 @@ class Ranks(Fast):
         return {n: x for n, x in layers.items() if self.owner[n] == self.rank}
 
     def factors(self, model, layers, batches, device=None):
-        """The owned layers' factors; the others' outputs start the gradient too, so that every
-        process's autograd graph is the single process's."""
-        def start_gradient(layer, inputs, y):
-            return y if y.requires_grad else y.requires_grad_()
-        handles = [layer.register_forward_hook(start_gradient)
-                   for name, layer in self.layers.items() if name not in layers]
-        try:
-            return super().factors(model, layers, batches, device)
-        finally:
-            for h in handles:
-                h.remove()
+        """The owned layers' factors, the windows shared out: in each round of `size` windows,
+        rank r runs window r and records every layer's terms (labelled inputs, output gradients,
+        float32); each term goes to all ranks, and each owner adds its layers' terms to its sums
+        window after window, as the single process adds them: the same factors, bit for bit.
+        Memory: a rank's own sums, and one window's terms of every layer."""
+        device = device or next(model.parameters()).device
+        rec, window, batches = FastRecorder(device), Terms(device), iter(batches)
+        hooks = {layer: window.forward_hook(name) for name, layer in self.layers.items()}
+        with factor_memory_note(rec, layers, device), surgeon.frozen_with_hooks(model, hooks):
+            while round_ := list(itertools.islice(batches, self.size)):
+                if self.rank < len(round_):
+                    window.start_batch(round_[self.rank])
+                    with torch.enable_grad():
+                        surgeon.next_token_loss(model, round_[self.rank]).backward()
+                    window.last = (None, None)
+                said = [None] * self.size                  # each rank's terms, and sources
+                torch.distributed.all_gather_object(said, ([(k, tuple(z.shape)) for k, z in
+                                                            window.terms.items()], window.source))
+                rec.source.update(said[0][1])
+                for r, ids in enumerate(round_):
+                    rec.start_batch(ids)
+                    for (kind, name), shape in said[r][0]:
+                        z = window.terms.pop((kind, name)) if r == self.rank else \
+                            torch.empty(shape, device=device)
+                        y = z.to(self.comm)
+                        torch.distributed.broadcast(y, src=r)
+                        z = y.to(device)
+                        if kind == "g" and name in layers:
+                            rec.add_gram(rec.gg_sum, name, z)
+                        elif kind == "x" and any(rec.source[n] == name for n in layers):
+                            rec.add_gram(rec.xx_sum, name, z)
+                            rec.x_sum[name] = rec.x_sum.get(name, 0) + z.sum(0)
+        check_finite(factors := surgeon.assemble_factors(rec, layers))
+        return factors
 
     def sum(self, x: torch.Tensor) -> torch.Tensor:
         """x summed over the ranks (a new tensor)."""

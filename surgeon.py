@@ -147,8 +147,8 @@ class Recorder:
         self.source = {}                   # layer -> the layer whose input sums it shares
         self.last = (None, None)           # the input tensor read last, and its first reader
 
-    def add_gram(self, S, z):              # S += z^T z
-        S.addmm_(z.T, z)
+    def add_gram(self, sums, key, z):      # sums[key] += z^T z
+        sums.setdefault(key, z.new_zeros(z.shape[1], z.shape[1])).addmm_(z.T, z)
 
     def gram(self, S):                     # the sum, complete
         return S
@@ -169,7 +169,7 @@ class Recorder:
             else:
                 self.source[name], self.last = name, (x, name)
                 x = self.labelled(x.detach())                                   # (tokens, n)
-                self.add_gram(self.xx_sum.setdefault(name, x.new_zeros(x.shape[1], x.shape[1])), x)
+                self.add_gram(self.xx_sum, name, x)
                 self.x_sum[name] = self.x_sum.get(name, 0) + x.sum(0)
             if not y.requires_grad:                        # parameters are frozen: let the
                 y.requires_grad_()                         # gradient start here
@@ -180,7 +180,7 @@ class Recorder:
     def backward_hook(self, name):
         def hook(g):
             g = self.labelled(g)                                                # (tokens, m)
-            self.add_gram(self.gg_sum.setdefault(name, g.new_zeros(g.shape[1], g.shape[1])), g)
+            self.add_gram(self.gg_sum, name, g)
         return hook
 
 

@@ -1,5 +1,5 @@
-"""Several processes (torch.distributed, gloo, one thread a rank) give the single process's
-weights bit for bit: every structure, method, low-rank steps, existing zeros; and run_opt.py
+"""Several processes (torch.distributed, gloo, one thread a rank; the calibration windows shared
+out) give the single process's weights bit for bit: every structure, method, low-rank steps, existing zeros; and run_opt.py
 under torchrun, killed and resumed. Nothing is downloaded."""
 import itertools
 import os
@@ -72,6 +72,33 @@ def test_ranks_give_the_single_process_weights_bit_for_bit(tmp_path, single, siz
             (weights, sparsity), (want, want_sparsity) = got[config], single[config]
             assert sparsity == want_sparsity, (rank, config)
             assert all(torch.equal(a, b) for a, b in zip(weights, want)), (rank, config)
+
+
+def few_windows(rank, size, store, out):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=size)
+    try:
+        model = tiny_llama()
+        scale.prune(model, calib(n=2), Settings(sparsity=0.5, structure="unstructured", shots=2))
+        torch.save([p.detach() for p in model.parameters()], f"{out}.{rank}")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_rank_without_a_window_still_sums_its_layers(tmp_path):
+    """3 ranks, 2 calibration windows: rank 2 runs none, and owns layers all the same."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = tiny_llama()
+        scale.prune(model, calib(n=2), Settings(sparsity=0.5, structure="unstructured", shots=2))
+    finally:
+        torch.set_num_threads(threads)
+    mp.spawn(few_windows, args=(3, str(tmp_path / "store"), str(tmp_path / "out")), nprocs=3)
+    for rank in range(3):
+        got = torch.load(tmp_path / f"out.{rank}")
+        assert all(torch.equal(a, b) for a, b in zip(got, model.parameters()))
 
 
 @pytest.mark.parametrize("size", [2, 3, 8])
