@@ -85,9 +85,17 @@ def activation_bytes(seqlen, vocab, d, f, blocks, dtype_bytes):
     return seqlen * vocab * (dtype_bytes + 8) + blocks * seqlen * (12 * d + 4 * f) * dtype_bytes
 
 
+def terms_bytes(seqlen, widths, ranks):
+    """Several ranks: one window's terms of every layer's sums (float32 labelled inputs, one per
+    input tensor, and output gradients), which a rank holds until they are sent to the owners.
+    widths: (distinct input widths, output widths) of all layers."""
+    return 0 if ranks == 1 else 4 * (seqlen - 1) * (sum(widths[0]) + sum(widths[1]))
+
+
 def peak_bytes(parts):
-    """The activations live during the curvature pass, the costs and workspace after it."""
-    return parts["model"] + parts["factors"] + max(parts["activations"],
+    """The activations (and with ranks a window's terms) live during the curvature pass, the
+    costs and workspace after it."""
+    return parts["model"] + parts["factors"] + max(parts["activations"] + parts.get("terms", 0),
                                                     parts["costs"] + parts["workspace"])
 
 
@@ -114,7 +122,9 @@ def per_rank_bytes(name, ranks, dtype_bytes, structure, seqlen=2048):
                 worst.get("workspace", 0):
             worst = {"factors": factors, "costs": costs, "workspace": workspace}
     activations = activation_bytes(seqlen, vocab, d, f, blocks, dtype_bytes)
-    parts = {"model": dtype_bytes * params, **worst, "activations": activations}
+    widths = ({src: n + b for m, n, src in layers}.values(), [m for m, _, _ in layers])
+    parts = {"model": dtype_bytes * params, **worst, "activations": activations,
+             "terms": terms_bytes(seqlen, widths, ranks)}
     parts["peak"] = peak_bytes(parts)
     return parts
 
@@ -148,9 +158,13 @@ def predict_folder(folder, dtype_bytes, structure, seqlen, ranks=1):
     d, V = config.hidden_size, config.vocab_size
     f = getattr(config, "intermediate_size", None) or config.ffn_dim
     activations = activation_bytes(seqlen, V, d, f, config.num_hidden_layers, dtype_bytes)
+    shared = {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj"}   # read q's, gate's
+    inputs = {n.rsplit(".", 1)[0] + "." + shared.get(n.rsplit(".", 1)[1], n.rsplit(".", 1)[1]):
+              l.in_features + (l.bias is not None) for n, l in layers.items()}
+    widths = (inputs.values(), [l.out_features for l in layers.values()])
     parts = {"runtime": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
              "model": sum(p.numel() for p in model.parameters()) * dtype_bytes, **worst,
-             "activations": activations}
+             "activations": activations, "terms": terms_bytes(seqlen, widths, ranks)}
     parts["peak"] = parts["runtime"] + peak_bytes(parts)
     return parts
 
@@ -194,7 +208,7 @@ def against(paths):
         measured, mib = max(peaks), {k: v / 2**20 for k, v in parts.items()}
         print(f"| {os.path.relpath(path)} | {measured:.0f} | {mib['peak']:.0f} | {mib['model']:.0f}, "
               f"{mib['factors']:.0f}, {mib['costs'] + mib['workspace']:.0f}, "
-              f"{mib['activations']:.0f} | {mib['peak'] / measured - 1:+.0%} |")
+              f"{mib['activations'] + mib['terms']:.0f} | {mib['peak'] / measured - 1:+.0%} |")
 
 
 def one(width, args):
