@@ -100,16 +100,21 @@ def results(folder):
 
 
 def compare(a, b):
-    """'' where the two case folders hold the same results bit for bit, else what differs."""
+    """('' where the two case folders hold the same results bit for bit, else what differs; the
+    largest difference of a saved tensor relative to its largest weight; the same zeros)."""
     (wa, na), (wb, nb) = results(a), results(b)
     if wa.keys() != wb.keys():
-        return "other tensors saved"
+        return "other tensors saved", float("inf"), False
     differ = [k for k in wa if not (wa[k].dtype == wb[k].dtype and wa[k].shape == wb[k].shape
                                     and (wa[k].view(-1).view(dtype_bits(wa[k]))
                                          == wb[k].view(-1).view(dtype_bits(wb[k]))).all())]
     if differ:
-        return f"{len(differ)} tensors differ, e.g. {differ[0]}"
-    return "" if na == nb else f"numbers differ: {na} vs {nb}"
+        worst = max(float((wa[k].double() - wb[k].double()).abs().max()
+                          / wa[k].double().abs().max().clamp_min(1e-30)) for k in differ)
+        zeros = all(((wa[k] == 0) == (wb[k] == 0)).all() for k in differ)
+        return (f"{len(differ)} tensors differ, e.g. {differ[0]}; by at most {worst:.1e} of a "
+                f"tensor's largest weight, {'the same' if zeros else 'other'} zeros"), worst, zeros
+    return ("", 0.0, True) if na == nb else (f"numbers differ: {na} vs {nb}", float("inf"), True)
 
 
 def dtype_bits(t):
@@ -121,6 +126,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("ref", help="the earlier commit (default: ae743e5)", nargs="?", default="ae743e5")
     p.add_argument("--keep", help="keep the outputs in this folder")
+    p.add_argument("--tolerance", type=float, default=0.0,
+                   help="a case whose tensors differ by at most this much of their largest "
+                        "weight, with the same zeros, counts as the same to this tolerance")
     args = p.parse_args(argv)
     sys.path.insert(0, ROOT)
     from conftest import make_files
@@ -142,12 +150,17 @@ def main(argv=None):
         except subprocess.CalledProcessError as err:
             sys.exit(f"the runs of {tree} failed (exit {err.returncode}); see "
                      f"{os.path.join(work, out, 'log.txt')}")
-    failed = 0
+    failed = close = 0
     for name in (*CASES, *PEERS, *RANKS):
-        why = compare(os.path.join(work, "out-before", name), os.path.join(work, "out-after", name))
-        failed += bool(why)
-        print(f"{name:32s} {'same bit for bit' if not why else 'DIFFERENT: ' + why}")
-    print(f"{len(CASES) + len(PEERS) + len(RANKS) - failed} same, {failed} different")
+        why, worst, zeros = compare(os.path.join(work, "out-before", name),
+                                    os.path.join(work, "out-after", name))
+        near = bool(why) and zeros and worst <= args.tolerance
+        failed, close = failed + (bool(why) and not near), close + near
+        said = "within tolerance: " if near else "DIFFERENT: "
+        print(f"{name:32s} {'same bit for bit' if not why else said + why}")
+    print(f"{len(CASES) + len(PEERS) + len(RANKS) - failed - close} same, "
+          + (f"{close} within {args.tolerance:g}, " if args.tolerance else "")
+          + f"{failed} different")
     return 1 if failed else 0
 
 
