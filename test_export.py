@@ -278,6 +278,27 @@ def test_export_and_task_flags_are_checked_before_loading(tmp_path, capsys, monk
     assert exit.value.code == 2 and len(err) == 1 and message.format(tmp=tmp_path) in err[0], err
 
 
+def test_a_task_whose_data_is_not_cached_is_refused_offline(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("lm_eval")
+    import command
+    files = make_files(tmp_path / "files")
+    monkeypatch.setattr(command, "hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(run_opt, "load_model", lambda *a, **k: pytest.fail("loaded"))
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "empty-cache"))
+    import datasets
+    from huggingface_hub import constants
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):      # offline() sets them: restored
+        monkeypatch.setenv(var, "")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", constants.HF_HUB_OFFLINE)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", datasets.config.HF_DATASETS_OFFLINE)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit:
+        run_opt.main(args_for(files, "opt", "--tasks", "piqa"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit.value.code == 2 and len(err) == 1, err
+    assert "--tasks piqa: its data could not be loaded (the hub cannot be reached" in err[0]
+
+
 def test_llama_cpp_itself_runs_the_compacted_file(tmp_path):
     """Where llama-cpp-python is installed (benchmarks/llama_cpp.py installs it; CI does not)."""
     llama_cpp = pytest.importorskip("llama_cpp")
