@@ -158,7 +158,7 @@ def pipeline(args, device, pruner: Pruner):
             with stage(record, "save", device):
                 pruner.save(model, tokenizer, args.save, after, record)
                 mark_saved(args.save, record["settings"], record["ppl_pruned"])
-        if args.gguf and main_rank():
+        if getattr(args, "gguf", None) and main_rank():
             with stage(record, "gguf", device):
                 record["gguf"] = gguf_export.write(model, tokenizer, args.gguf, args.gguf_type)
             print(gguf_export.summary(record["gguf"]))
@@ -252,7 +252,7 @@ class Surgeon(Pruner):
 
 def zero_shot(args, model, tokenizer, record, device, which):
     """--tasks: lm-eval's zero-shot accuracy of the model as it is now (rank 0 alone)."""
-    if not args.tasks or not main_rank():
+    if not getattr(args, "tasks", None) or not main_rank():     # the peers' flags have none
         return None
     with stage(record, f"tasks_{which}", device):
         results = zeroshot.evaluate(model, tokenizer, args.tasks, args.task_dir)
