@@ -300,7 +300,7 @@ def test_a_task_whose_data_is_not_cached_is_refused_offline(tmp_path, capsys, mo
 
 
 def test_llama_cpp_itself_runs_the_compacted_file(tmp_path):
-    """Where llama-cpp-python is installed (benchmarks/llama_cpp.py installs it; CI does not)."""
+    """Where llama-cpp-python is installed (benchmarks/in_llama_cpp.py installs it; CI does not)."""
     llama_cpp = pytest.importorskip("llama_cpp")
     model = llama(layers=5)
     ids, _ = cut(model)
