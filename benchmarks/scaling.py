@@ -96,7 +96,8 @@ def peak_bytes(parts):
     """The activations (and with ranks a window's terms) live during the curvature pass, the
     costs and workspace after it."""
     return parts["model"] + parts["factors"] + max(parts["activations"] + parts.get("terms", 0),
-                                                    parts["costs"] + parts["workspace"])
+                                                    parts["costs"] + parts["workspace"]
+                                                    + parts.get("kept", 0))
 
 
 def per_rank_bytes(name, ranks, dtype_bytes, structure, seqlen=2048):
@@ -129,10 +130,12 @@ def per_rank_bytes(name, ranks, dtype_bytes, structure, seqlen=2048):
     return parts
 
 
-def predict_folder(folder, dtype_bytes, structure, seqlen, ranks=1):
+def predict_folder(folder, dtype_bytes, structure, seqlen, ranks=1, keep_in=None):
     """The memory model for a run of run_opt.py on the model in `folder` (its config alone, no
     weights): bytes of each part on the busiest rank, "runtime" (python, torch and transformers,
-    measured here) included, and "peak"."""
+    measured here) included, and "peak". keep_in: LLM Surgeon on a device of that many bytes,
+    which keeps the layers' quadratic models (8 (mk + k^2 + m^2) bytes each) from the costs to
+    the update while a quarter of it stays free (scale.keeps), counted in "kept"."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
     import scale
@@ -154,7 +157,7 @@ def predict_folder(folder, dtype_bytes, structure, seqlen, ranks=1):
         parts = predict(mine, source, structure) if mine else \
             {"factors": 0, "costs": 0, "workspace": 0}
         if worst is None or sum(parts.values()) > sum(worst.values()):
-            worst = parts
+            worst, mine_of_busiest = parts, mine
     d, V = config.hidden_size, config.vocab_size
     f = getattr(config, "intermediate_size", None) or config.ffn_dim
     activations = activation_bytes(seqlen, V, d, f, config.num_hidden_layers, dtype_bytes)
@@ -164,7 +167,15 @@ def predict_folder(folder, dtype_bytes, structure, seqlen, ranks=1):
     widths = (inputs.values(), [l.out_features for l in layers.values()])
     parts = {"runtime": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
              "model": sum(p.numel() for p in model.parameters()) * dtype_bytes, **worst,
-             "activations": activations, "terms": terms_bytes(seqlen, widths, ranks)}
+             "activations": activations, "terms": terms_bytes(seqlen, widths, ranks), "kept": 0}
+    if keep_in:
+        room = 0.75 * keep_in - parts["runtime"] - peak_bytes(parts)
+        for l in mine_of_busiest.values():
+            m, k = l.out_features, l.in_features + (l.bias is not None)
+            need = 8 * (m * k + k * k + m * m)
+            if room - 3 * need < 0:
+                break
+            parts["kept"], room = parts["kept"] + need, room - need
     parts["peak"] = parts["runtime"] + peak_bytes(parts)
     return parts
 
@@ -192,6 +203,21 @@ def model_table():
                       + " |")
 
 
+KEEP = "2b4e0cf"          # the commit from which LLM Surgeon keeps quadratic models (scale.keeps)
+
+
+def keeps_models(commit):
+    """Whether a record's commit keeps the quadratic models: KEEP is among its ancestors."""
+    return bool(commit) and subprocess.run(["git", "merge-base", "--is-ancestor", KEEP, commit],
+                                           cwd=HERE, capture_output=True).returncode == 0
+
+
+def total_memory():
+    """This machine's memory, bytes (Linux), where the records were made."""
+    with open("/proc/meminfo") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemTotal:"))
+
+
 def against(paths):
     """The memory model's peak beside the measured peak of each record, in MiB."""
     print("| record | measured peak MiB | predicted | of it: model, factors, costs + workspace, "
@@ -203,11 +229,14 @@ def against(paths):
         cfg = r["settings"]
         size = {"float32": 4, "bfloat16": 2, "float16": 2}[r.get("model_dtype", "float32")]
         ranks = r["provenance"].get("world_size", 1)
-        parts = predict_folder(cfg["model"], size, cfg["structure"], cfg["seqlen"], ranks)
+        keep_in = total_memory() if cfg["method"] == "surgeon" and keeps_models(
+            r["provenance"].get("commit")) else None
+        parts = predict_folder(cfg["model"], size, cfg["structure"], cfg["seqlen"], ranks,
+                               keep_in)
         peaks = [max(p.values()) for p in r.get("peak_memory_mb_ranks", [r["peak_memory_mb"]])]
         measured, mib = max(peaks), {k: v / 2**20 for k, v in parts.items()}
         print(f"| {os.path.relpath(path)} | {measured:.0f} | {mib['peak']:.0f} | {mib['model']:.0f}, "
-              f"{mib['factors']:.0f}, {mib['costs'] + mib['workspace']:.0f}, "
+              f"{mib['factors']:.0f}, {mib['costs'] + mib['workspace'] + mib['kept']:.0f}, "
               f"{mib['activations'] + mib['terms']:.0f} | {mib['peak'] / measured - 1:+.0%} |")
 
 
