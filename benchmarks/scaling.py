@@ -134,8 +134,9 @@ def predict_folder(folder, dtype_bytes, structure, seqlen, ranks=1, keep_in=None
     """The memory model for a run of run_opt.py on the model in `folder` (its config alone, no
     weights): bytes of each part on the busiest rank, "runtime" (python, torch and transformers,
     measured here) included, and "peak". keep_in: LLM Surgeon on a device of that many bytes,
-    which keeps the layers' quadratic models (8 (mk + k^2 + m^2) bytes each) from the costs to
-    the update while a quarter of it stays free (scale.keeps), counted in "kept"."""
+    which keeps the layers' quadratic models (float64 W~, A_inv, G_inv, the removed weights' bool
+    mask; rows and columns also the float32 A, G of their forms) from the costs to the update
+    while a quarter of it stays free (scale.keeps), counted in "kept"."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
     import scale
@@ -172,7 +173,8 @@ def predict_folder(folder, dtype_bytes, structure, seqlen, ranks=1, keep_in=None
         room = 0.75 * keep_in - parts["runtime"] - peak_bytes(parts)
         for l in mine_of_busiest.values():
             m, k = l.out_features, l.in_features + (l.bias is not None)
-            need = 8 * (m * k + k * k + m * m)
+            need = 9 * m * k + 8 * (k * k + m * m) + (4 * (k * k + m * m)   # + A, G: the forms
+                                                      if structure == "rowcol" else 0)
             if room - 3 * need < 0:
                 break
             parts["kept"], room = parts["kept"] + need, room - need
