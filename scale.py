@@ -355,9 +355,10 @@ def runtime(layers: dict[str, nn.Linear]) -> Fast:
 class Ranks(Fast):
     """The processes of torch.distributed (e.g. torchrun). Each holds the model and runs its
     share of the calibration windows; each layer is owned by one process, which alone sums its
-    factors, inverts, costs and updates it; layers are owned in contiguous shares in model order, balanced
-    by the factors' size (n+1)^2 + m^2. The threshold sums counts over the processes (exact), the
-    owners send their layers' new weights to all: the single process's result, bit for bit."""
+    factors, inverts, costs and updates it; layers are owned in contiguous shares in model order,
+    balanced by the factors' size (n+1)^2 + m^2. The threshold sums counts over the processes
+    (exact), the owners send their layers' new weights to all: the single process's result, bit
+    for bit."""
 
     def __init__(self, layers: dict[str, nn.Linear]):
         dist = torch.distributed
@@ -383,9 +384,10 @@ class Ranks(Fast):
     def factors(self, model, layers, batches, device=None):
         """The owned layers' factors, the windows shared out: in each round of `size` windows,
         rank r runs window r and records every layer's terms (labelled inputs, output gradients,
-        float32); each term goes to all ranks, and each owner adds its layers' terms to its sums
-        window after window, as the single process adds them: the same factors, bit for bit.
-        Memory: a rank's own sums, and one window's terms of every layer."""
+        float32); each term goes to the owners of the layers that read it, and each owner adds
+        its layers' terms to its sums window after window, as the single process adds them: the
+        same factors, bit for bit. Memory: a rank's own sums, and one window's terms of every
+        layer."""
         device = device or next(model.parameters()).device
         rec, window, batches = FastRecorder(device), Terms(device), iter(batches)
         hooks = {layer: window.forward_hook(name) for name, layer in self.layers.items()}
@@ -400,21 +402,41 @@ class Ranks(Fast):
                 torch.distributed.all_gather_object(said, ([(k, tuple(z.shape)) for k, z in
                                                             window.terms.items()], window.source))
                 rec.source.update(said[0][1])
+                sending = []                               # kept until sent
                 for r, ids in enumerate(round_):
                     rec.start_batch(ids)
-                    for (kind, name), shape in said[r][0]:
-                        z = window.terms.pop((kind, name)) if r == self.rank else \
-                            torch.empty(shape, device=device)
-                        y = z.to(self.comm)
-                        torch.distributed.broadcast(y, src=r)
-                        z = y.to(device)
-                        if kind == "g" and name in layers:
-                            rec.add_gram(rec.gg_sum, name, z)
-                        elif kind == "x" and any(rec.source[n] == name for n in layers):
-                            rec.add_gram(rec.xx_sum, name, z)
-                            rec.x_sum[name] = rec.x_sum.get(name, 0) + z.sum(0)
+                    for key, shape in said[r][0]:
+                        owners = self.owners_of(key, rec.source)
+                        if r == self.rank:
+                            z = window.terms.pop(key)
+                            y = z.to(self.comm)
+                            sending += [(torch.distributed.isend(y, dst=o), y)
+                                        for o in owners - {r}]
+                        elif self.rank in owners:
+                            y = torch.empty(shape, device=self.comm)
+                            torch.distributed.recv(y, src=r)
+                            z = y.to(device)
+                        if self.rank in owners:
+                            self.add_term(rec, key, z)
+                for request, _ in sending:
+                    request.wait()
         check_finite(factors := surgeon.assemble_factors(rec, layers))
         return factors
+
+    def owners_of(self, key, source) -> set:
+        """The ranks that own a layer reading this term."""
+        kind, name = key
+        return {self.owner[name]} if kind == "g" else \
+            {self.owner[n] for n in self.layers if source.get(n) == name}
+
+    @staticmethod
+    def add_term(rec, key, z):
+        kind, name = key
+        if kind == "g":
+            rec.add_gram(rec.gg_sum, name, z)
+        else:
+            rec.add_gram(rec.xx_sum, name, z)
+            rec.x_sum[name] = rec.x_sum.get(name, 0) + z.sum(0)
 
     def sum(self, x: torch.Tensor) -> torch.Tensor:
         """x summed over the ranks (a new tensor)."""
