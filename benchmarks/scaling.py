@@ -135,7 +135,7 @@ def predict_folder(folder, dtype_bytes, structure, seqlen, ranks=1, keep_in=None
     weights): bytes of each part on the busiest rank, "runtime" (python, torch and transformers,
     measured here) included, and "peak". keep_in: LLM Surgeon on a device of that many bytes,
     which keeps the layers' quadratic models (float64 W~, A_inv, G_inv, the removed weights' bool
-    mask; rows and columns also the float32 A, G of their forms) from the costs to the update
+    mask; rows and columns also the float64 A, G of their forms) from the costs to the update
     while a quarter of it stays free (scale.keeps), counted in "kept"."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -173,8 +173,7 @@ def predict_folder(folder, dtype_bytes, structure, seqlen, ranks=1, keep_in=None
         room = 0.75 * keep_in - parts["runtime"] - peak_bytes(parts)
         for l in mine_of_busiest.values():
             m, k = l.out_features, l.in_features + (l.bias is not None)
-            need = 9 * m * k + 8 * (k * k + m * m) + (4 * (k * k + m * m)   # + A, G: the forms
-                                                      if structure == "rowcol" else 0)
+            need = 9 * m * k + 8 * (k * k + m * m) * (2 if structure == "rowcol" else 1)
             if room - 3 * need < 0:
                 break
             parts["kept"], room = parts["kept"] + need, room - need
