@@ -5,15 +5,19 @@
   1. checks before a weight is touched, precision, failure notes and memory notes
   2. fast kernels, each the same computation as its plain version in surgeon.py (the tests hold
      them to it): the Gram sums of KFAC as upper blocks, element updates collected over blocks of
-     rows (as SparseGPT), the global threshold as a radix select, a flat gather
+     rows (as SparseGPT) and solved through the kept weights where a row removes most of them,
+     the global threshold as a radix select, a flat gather
   3. the runtimes (surgeon.py section 8): `Fast`, one process with the fast kernels, and `Ranks`,
-     several processes of torch.distributed, each owning a share of the layers
+     several processes of torch.distributed, each running a share of the calibration windows
+     and owning a share of the layers
   4. access to the weights of layers that accelerate keeps off the device (in host memory or on
      disk), for a model placed with a device map
 
 Memory. A shot holds the model, the factors (float32, one A per input tensor that several layers
 read, on `curvature_device`), one float32 cost per candidate, and the float64 workspace of one
-layer at a time: its inverses are computed for the costs and again for the update.
+layer at a time; each layer's quadratic model (W~ and its inverses) is kept from the costs to
+the update while a quarter of the device's memory stays free (`keeps`), else computed again.
+With several processes, each also holds one window's terms of every layer while they are sent.
 """
 import itertools
 import math
