@@ -209,8 +209,11 @@ class Terms(FastRecorder):
         super().__init__(device)
         self.terms = {}
 
-    def add_gram(self, sums, key, z):
-        self.terms["x" if sums is self.xx_sum else "g", key] = z
+    def add_input(self, name, x):
+        self.terms["x", name] = x
+
+    def add_gram(self, sums, key, z):                      # the output gradients'
+        self.terms["g", key] = z
 
 
 def remove_elements_lazily(W, A_inv, G_inv, mask, max_correlate):
@@ -420,8 +423,10 @@ class Ranks(Fast):
                             y = torch.empty(shape, device=self.comm)
                             torch.distributed.recv(y, src=r)
                             z = y.to(device)
-                        if self.rank in owners:
-                            self.add_term(rec, key, z)
+                        if self.rank in owners and key[0] == "g":
+                            rec.add_gram(rec.gg_sum, key[1], z)
+                        elif self.rank in owners:
+                            rec.add_input(key[1], z)
                 for request, _ in sending:
                     request.wait()
         check_finite(factors := surgeon.assemble_factors(rec, layers))
@@ -433,14 +438,6 @@ class Ranks(Fast):
         return {self.owner[name]} if kind == "g" else \
             {self.owner[n] for n in self.layers if source.get(n) == name}
 
-    @staticmethod
-    def add_term(rec, key, z):
-        kind, name = key
-        if kind == "g":
-            rec.add_gram(rec.gg_sum, name, z)
-        else:
-            rec.add_gram(rec.xx_sum, name, z)
-            rec.x_sum[name] = rec.x_sum.get(name, 0) + z.sum(0)
 
     def sum(self, x: torch.Tensor) -> torch.Tensor:
         """x summed over the ranks (a new tensor)."""

@@ -150,6 +150,10 @@ class Recorder:
     def add_gram(self, sums, key, z):      # sums[key] += z^T z
         sums.setdefault(key, z.new_zeros(z.shape[1], z.shape[1])).addmm_(z.T, z)
 
+    def add_input(self, name, x):          # the sums of one input tensor
+        self.add_gram(self.xx_sum, name, x)
+        self.x_sum[name] = self.x_sum.get(name, 0) + x.sum(0)
+
     def gram(self, S):                     # the sum, complete
         return S
 
@@ -168,9 +172,7 @@ class Recorder:
                 self.source[name] = self.last[1]
             else:
                 self.source[name], self.last = name, (x, name)
-                x = self.labelled(x.detach())                                   # (tokens, n)
-                self.add_gram(self.xx_sum, name, x)
-                self.x_sum[name] = self.x_sum.get(name, 0) + x.sum(0)
+                self.add_input(name, self.labelled(x.detach()))                 # (tokens, n)
             if not y.requires_grad:                        # parameters are frozen: let the
                 y.requires_grad_()                         # gradient start here
             y.register_hook(self.backward_hook(name))
