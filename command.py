@@ -253,8 +253,7 @@ def validate(args):
     if args.tasks:
         if not hub_reachable():
             offline()               # the tasks' data from the datasets cache alone
-        reason = zeroshot.check(args.tasks, args.task_dir, offline=bool(os.environ.get(
-            "HF_HUB_OFFLINE")))
+        reason = zeroshot.check(args.tasks, args.task_dir)
         if reason:
             fail(reason)
     if args.resume and not args.checkpoint:

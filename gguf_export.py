@@ -23,6 +23,7 @@ import json
 import os
 import tempfile
 from hashlib import sha256
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -182,7 +183,7 @@ def tokenizer_metadata(writer, tokenizer, vocab_size: int) -> str:
         if model["type"] != "BPE":
             raise ValueError(f"--gguf writes BPE tokenizers; this one is {model['type']}")
         if model.get("byte_fallback"):                      # Llama 2: SentencePiece as BPE
-            vocab = gguf.LlamaHfVocab(__import__("pathlib").Path(folder))
+            vocab = gguf.LlamaHfVocab(Path(folder))
             tokens, scores, types = zip(*vocab.all_tokens())
             writer.add_tokenizer_model("llama")
             writer.add_tokenizer_pre(pre := "default")

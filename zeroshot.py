@@ -53,8 +53,9 @@ def check(tasks: list[str], task_dir=None, offline=False):
             with hub_offline(offline):
                 manager.load([task])
         except Exception as err:            # noqa: BLE001  lm-eval and datasets raise many kinds
+            from huggingface_hub import constants                   # offline here, or already
             where = ("the hub cannot be reached and it is not in the datasets cache"
-                     if offline else f"{type(err).__name__}: {err}")
+                     if offline or constants.HF_HUB_OFFLINE else f"{type(err).__name__}: {err}")
             return f"--tasks {task}: its data could not be loaded ({where})"
     return None
 
