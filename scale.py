@@ -219,21 +219,23 @@ class Terms(FastRecorder):
 def remove_elements_lazily(W, A_inv, G_inv, mask, max_correlate):
     """surgeon.remove_elements, as in SparseGPT: a block of up to LAZY_ROWS rows collects its
     updates Y = E A_inv (as rows of the update direction), brings each chunk's w_Q up to date
-    from them, and updates W with one product at the end. A row alone in its chunk that removes
-    more of its live weights than it keeps (|Q| > |F|) is solved through its kept ones: with
-    A = A_inv^-1 on the live columns, y = A_inv[:, Q] A_inv[Q, Q]^-1 w_Q has y_Q = w_Q and
-    y_F = -A[F, F]^-1 A[F, Q] w_Q (the inverse of a block of an inverse), a system of |F| instead
-    of |Q|: min(|Q|, |F|)^3 / 3 flops a row for the same solution."""
+    from them, and updates W with one product at the end. A row alone in its chunk is solved
+    with its own Cholesky factor (`row_update`), and through its kept weights where it removes
+    more of its live weights than it keeps: min(|Q|, |F|)^3 / 3 flops a row. Each row's index
+    sets are found once a layer; the factorizations are checked once a block."""
     W, A_inv = W.to(G_inv.dtype).clone(), A_inv.contiguous()       # gathered by `submatrix`
     live = A_inv.diagonal() > 0
     solve = mask & (G_inv.diagonal()[:, None] > 0) & live[None, :]
-    counts = solve.sum(1).tolist()
+    counts, n_live = solve.sum(1).tolist(), int(live.sum())
+    removed = solve.nonzero()[:, 1].split(counts)                         # each row's Q
     chunks = surgeon.row_chunks(counts, max_correlate)
-    A, n_live = None, int(live.sum())
-    if any(len(R) == 1 and 2 * counts[R[0]] > n_live for R in chunks):
+    through = {R[0] for R in chunks if len(R) == 1 and 2 * counts[R[0]] > n_live}
+    A = kept = None
+    if through:
         A = torch.zeros_like(A_inv)                              # A on the live columns
         idx = live.nonzero()[:, 0]
         A[idx[:, None], idx] = torch.cholesky_inverse(torch.linalg.cholesky(submatrix(A_inv, idx)))
+        kept = (live & ~solve).nonzero()[:, 1].split([n_live - c for c in counts])   # each F
     while chunks:
         block = [chunks.pop(0)]
         while chunks and sum(len(R) for R in block) + len(chunks[0]) <= LAZY_ROWS:
@@ -241,32 +243,49 @@ def remove_elements_lazily(W, A_inv, G_inv, mask, max_correlate):
         rows = torch.tensor([i for R in block for i in R], device=W.device)    # block rows
         G_B = G_inv[:, rows]                                                    # (m, |B|)
         Y = W.new_zeros(len(rows), W.shape[1])                                  # (|B|, k)
-        start = 0
+        info, start = torch.zeros((), dtype=torch.int32), 0
         for R in block:
-            here, start = slice(start, start + len(R)), start + len(R)
-            r, j = solve[R].nonzero(as_tuple=True)                              # Q in chunk R
-            i = rows[here][r]
-            w = W[i, j] - (G_B[R] @ Y)[r, j]                                    # w_Q as updated
-            Y[here] = chunk_update(w, i, j, r, len(R), A_inv, G_inv, A, live)
+            b, start = start, start + len(R)
+            if len(R) == 1:
+                i, j = R[0], removed[R[0]]
+                w = (W[i] - G_B[i, :b] @ Y[:b])[j]                           # w_Q as updated
+                Y[b], info = row_update(w, j, G_inv[i, i], A_inv, A, kept[i] if i in through
+                                        else None, info)
+            else:
+                r, j = solve[R].nonzero(as_tuple=True)                          # Q in chunk R
+                i = rows[b:start][r]
+                w = W[i, j] - (G_B[R][:, :b] @ Y[:b])[r, j]
+                Y[b:start] = chunk_update(w, i, j, r, len(R), A_inv, G_inv)
+        if info.item():
+            raise ValueError("correlated update is not positive definite; increase the damping")
         W -= G_B @ Y                                                            # -G_inv E A_inv
     W[mask] = 0
     return W
 
 
-def chunk_update(w, i, j, r, n_rows, A_inv, G_inv, A, live):
-    """(n_rows, k): the rows of E A_inv of one chunk (Eq. 7-8), E = C^-1 w_Q on Q; a single row
-    through its kept live weights F where |Q| > |F| and A is given."""
-    if n_rows == 1 and A is not None and 2 * len(j) > int(live.sum()):
-        f = (live & ~torch.zeros_like(live).index_fill_(0, j, True)).nonzero()[:, 0]
-        y = w.new_zeros(len(live))
-        y[j] = w
-        if len(f):
-            y[f] = -torch.cholesky_solve((A[f][:, j] @ w)[:, None], cholesky(submatrix(A, f)),
-                                         upper=True)[:, 0]
-        return (y / G_inv[i[0], i[0]])[None]
-    G_ii = submatrix(G_inv, i) if n_rows > 1 else G_inv[i[0], i[0]]        # one row: scalar
-    C = G_ii * (submatrix(A_inv, j) if n_rows == 1 else A_inv[j][:, j])         # Eq. 7
-    E = w.new_zeros(n_rows, len(live))
+def row_update(w, j, g, A_inv, A, f, info):
+    """(k,): one row's E A_inv (Eq. 7-8 with C = g A_inv[Q, Q]), E = C^-1 w_Q on Q; with the
+    row's kept live columns f given, through them: y_Q = w_Q / g and y_F = -A[F, F]^-1 A[F, Q]
+    w_Q / g (the inverse of a block of an inverse). Adds the Cholesky's failure to info."""
+    if f is None:
+        U, bad = torch.linalg.cholesky_ex(submatrix(A_inv, j), upper=True)
+        E = w.new_zeros(len(A_inv))
+        E[j] = torch.cholesky_solve(w[:, None], U, upper=True)[:, 0] / g          # C^-1 w_Q
+        return A_inv @ E, info + bad                                          # A_inv symmetric
+    y = w.new_zeros(len(A_inv))
+    y[j] = w
+    if len(f):
+        U, bad = torch.linalg.cholesky_ex(submatrix(A, f), upper=True)
+        A_FQ = A.reshape(-1).take(f[:, None] * A.shape[1] + j)                  # (|F|, |Q|)
+        y[f] = -torch.cholesky_solve((A_FQ @ w)[:, None], U, upper=True)[:, 0]
+        info = info + bad
+    return y / g, info
+
+
+def chunk_update(w, i, j, r, n_rows, A_inv, G_inv):
+    """(n_rows, k): the rows of E A_inv of a chunk of several rows (Eq. 7-8), E = C^-1 w_Q."""
+    C = submatrix(G_inv, i) * A_inv[j][:, j]                                    # Eq. 7
+    E = w.new_zeros(n_rows, len(A_inv))
     E[r, j] = torch.cholesky_solve(w[:, None], cholesky(C), upper=True)[:, 0]   # C^-1 w_Q
     return E @ A_inv
 
@@ -391,46 +410,68 @@ class Ranks(Fast):
     def factors(self, model, layers, batches, device=None):
         """The owned layers' factors, the windows shared out: in each round of `size` windows,
         rank r runs window r and records every layer's terms (labelled inputs, output gradients,
-        float32); each term goes to the owners of the layers that read it, and each owner adds
-        its layers' terms to its sums window after window, as the single process adds them: the
-        same factors, bit for bit. Memory: a rank's own sums, and one window's terms of every
-        layer."""
+        float32), then sends each term to the owners of the layers that read it. While they
+        travel, the next round runs; then each owner adds its layers' terms to its sums window
+        after window, as the single process adds them: the same factors, bit for bit. Memory: a
+        rank's own sums, and besides the activations, one window's terms of every layer and
+        about twice as much from the round before (kept, sent and received)."""
         device = device or next(model.parameters()).device
         rec, window, batches = FastRecorder(device), Terms(device), iter(batches)
         hooks = {layer: window.forward_hook(name) for name, layer in self.layers.items()}
         with factor_memory_note(rec, layers, device), surgeon.frozen_with_hooks(model, hooks):
+            travelling = None
             while round_ := list(itertools.islice(batches, self.size)):
                 if self.rank < len(round_):
                     window.start_batch(round_[self.rank])
                     with torch.enable_grad():
                         surgeon.next_token_loss(model, round_[self.rank]).backward()
                     window.last = (None, None)
-                said = [None] * self.size                  # each rank's terms, and sources
-                torch.distributed.all_gather_object(said, ([(k, tuple(z.shape)) for k, z in
-                                                            window.terms.items()], window.source))
-                rec.source.update(said[0][1])
-                sending = []                               # kept until sent
-                for r, ids in enumerate(round_):
-                    rec.start_batch(ids)
-                    for key, shape in said[r][0]:
-                        owners = self.owners_of(key, rec.source)
-                        if r == self.rank:
-                            z = window.terms.pop(key)
-                            y = z.to(self.comm)
-                            sending += [(torch.distributed.isend(y, dst=o), y)
-                                        for o in owners - {r}]
-                        elif self.rank in owners:
-                            y = torch.empty(shape, device=self.comm)
-                            torch.distributed.recv(y, src=r)
-                            z = y.to(device)
-                        if self.rank in owners and key[0] == "g":
-                            rec.add_gram(rec.gg_sum, key[1], z)
-                        elif self.rank in owners:
-                            rec.add_input(key[1], z)
-                for request, _ in sending:
-                    request.wait()
+                sent = self.send_terms(window, round_, rec)
+                if travelling:
+                    self.add_terms(*travelling, rec, device)
+                travelling = sent
+            if travelling:
+                self.add_terms(*travelling, rec, device)
         check_finite(factors := surgeon.assemble_factors(rec, layers))
         return factors
+
+    def send_terms(self, window, round_, rec):
+        """Starts the exchange of a round's terms: this rank's sent to the owners of the layers
+        that read them, the others' that this rank's layers read posted for receiving."""
+        said = [None] * self.size                          # each rank's terms, and sources
+        torch.distributed.all_gather_object(said, ([(k, tuple(z.shape)) for k, z in
+                                                    window.terms.items()], window.source))
+        rec.source.update(said[0][1])
+        read = [[[(k, shape) for k, shape in said[r][0] if o in self.owners_of(k, rec.source)]
+                 for o in range(self.size)] for r in range(len(round_))]     # [sender][owner]
+        sending = [(torch.distributed.isend(y, dst=o), y) for o in range(self.size)
+                   if o != self.rank and self.rank < len(round_)
+                   for k, _ in read[self.rank][o] for y in [window.terms[k].to(self.comm)]]
+        terms = []                                         # each window's: (requests, terms, keys)
+        for r in range(len(round_)):
+            keys = read[r][self.rank]
+            if r == self.rank:
+                terms.append(([], [window.terms[k] for k, _ in keys], keys))
+            else:
+                ys = [torch.empty(shape, device=self.comm) for _, shape in keys]
+                terms.append(([torch.distributed.irecv(y, src=r) for y in ys], ys, keys))
+        window.terms = {}
+        return round_, terms, sending
+
+    def add_terms(self, round_, terms, sending, rec, device):
+        """The sums of a round's terms, window after window."""
+        for ids, (requests, y, keys) in zip(round_, terms):
+            rec.start_batch(ids)
+            for request in requests:
+                request.wait()
+            for ((kind, name), _), z in zip(keys, y):
+                z = z.to(device)
+                if kind == "g":
+                    rec.add_gram(rec.gg_sum, name, z)
+                else:
+                    rec.add_input(name, z)
+        for request, _ in sending:
+            request.wait()
 
     def owners_of(self, key, source) -> set:
         """The ranks that own a layer reading this term."""

@@ -87,9 +87,12 @@ def activation_bytes(seqlen, vocab, d, f, blocks, dtype_bytes):
 
 def terms_bytes(seqlen, widths, ranks):
     """Several ranks: one window's terms of every layer's sums (float32 labelled inputs, one per
-    input tensor, and output gradients), which a rank holds until they are sent to the owners.
-    widths: (distinct input widths, output widths) of all layers."""
-    return 0 if ranks == 1 else 4 * (seqlen - 1) * (sum(widths[0]) + sum(widths[1]))
+    input tensor, and output gradients) being recorded, and the round before's while they
+    travel: this rank's window's (until sent) and the others' that its layers read (until
+    added), 2 - 1/ranks windows' more. widths: (distinct input widths, output widths) of all
+    layers."""
+    window = 4 * (seqlen - 1) * (sum(widths[0]) + sum(widths[1]))
+    return 0 if ranks == 1 else round(window * (3 - 1 / ranks))
 
 
 def peak_bytes(parts):
