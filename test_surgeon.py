@@ -137,16 +137,35 @@ def test_remove_elements_fast_path_equals_the_plain_version(max_correlate, lazy_
     A_inv[3], A_inv[:, 3], G_inv[2], G_inv[:, 2] = 0, 0, 0, 0          # dead: no solve
     Q = torch.rand(W.shape, generator=torch.Generator().manual_seed(6)) < density
     Q[0] = torch.arange(7) < 2                                         # one row keeps most
-    through_kept = []
-    real = scale.chunk_update
-    monkeypatch.setattr(scale, "chunk_update", lambda w, i, j, r, n, A_inv, G_inv, A, live: (
-        through_kept.append(n == 1 and A is not None and 2 * len(j) > int(live.sum()))
-        or real(w, i, j, r, n, A_inv, G_inv, A, live)))
+    through_kept = []                                          # a solve each: through F?
+    row, chunk = scale.row_update, scale.chunk_update
+    monkeypatch.setattr(scale, "row_update", lambda w, j, g, A_inv, A, f, info: (
+        through_kept.append(f is not None) or row(w, j, g, A_inv, A, f, info)))
+    monkeypatch.setattr(scale, "chunk_update", lambda *args: (
+        through_kept.append(False) or chunk(*args)))
     fast = scale.remove_elements_lazily(W, A_inv, G_inv, Q, max_correlate)
     plain = remove_elements(W, A_inv, G_inv, Q, max_correlate)
     assert torch.allclose(fast, plain, atol=1e-12, rtol=0) and (fast[Q] == 0).all()
     assert any(through_kept) or density < 0.5 or max_correlate == 100
     assert not all(through_kept)
+
+
+def test_remove_elements_fast_path_refuses_a_system_that_is_not_positive_definite():
+    """A row's system C = A_inv[Q, Q] that is not positive definite: an error; solved through
+    its kept weights, a failed factor of A[F, F] is counted."""
+    W, _, _, A_inv, G_inv = tiny_layer(m=3, n=6, seed=2)
+    d = A_inv.diagonal().sqrt()
+    A_inv[0, 1] = A_inv[1, 0] = 3 * d[0] * d[1]                     # indefinite block on {0, 1}
+    Q = torch.zeros(W.shape, dtype=torch.bool)
+    Q[1, :2] = True
+    with pytest.raises(ValueError, match="positive definite"):
+        scale.remove_elements_lazily(W, A_inv, G_inv, Q, 1)
+    ok = torch.zeros((), dtype=torch.int32)
+    j, f = torch.arange(4), torch.tensor([4, 5])
+    A = torch.eye(6, dtype=torch.float64)
+    assert scale.row_update(W[1, :4], j, G_inv[1, 1], A_inv, A, f, ok)[1] == 0
+    A[4, 5] = A[5, 4] = 2.0                                             # A[F, F] indefinite
+    assert scale.row_update(W[1, :4], j, G_inv[1, 1], A_inv, A, f, ok)[1] > 0
 
 
 def test_row_chunks_with_identity_G_are_exact_per_row_obs():
