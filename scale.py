@@ -17,7 +17,8 @@ Memory. A shot holds the model, the factors (float32, one A per input tensor tha
 read, on `curvature_device`), one float32 cost per candidate, and the float64 workspace of one
 layer at a time; each layer's quadratic model (W~ and its inverses) is kept from the costs to
 the update while a quarter of the device's memory stays free (`keeps`), else computed again.
-With several processes, each also holds one window's terms of every layer while they are sent.
+With several processes, each also holds one window's terms of every layer as they are recorded,
+and where memory allows, about twice as much from the round before while it is exchanged.
 """
 import itertools
 import math
@@ -410,30 +411,43 @@ class Ranks(Fast):
     def factors(self, model, layers, batches, device=None):
         """The owned layers' factors, the windows shared out: in each round of `size` windows,
         rank r runs window r and records every layer's terms (labelled inputs, output gradients,
-        float32), then sends each term to the owners of the layers that read it. While they
-        travel, the next round runs; then each owner adds its layers' terms to its sums window
-        after window, as the single process adds them: the same factors, bit for bit. Memory: a
-        rank's own sums, and besides the activations, one window's terms of every layer and
-        about twice as much from the round before (kept, sent and received)."""
+        float32), then sends each term to the owners of the layers that read it. Where memory
+        allows (`overlaps`) the next round runs while they travel; then each owner adds its
+        layers' terms to its sums window after window, as the single process adds them: the
+        same factors, bit for bit. Memory: a rank's own sums, and besides the activations, one
+        window's terms of every layer, and where the rounds overlap about twice as much from
+        the round before (kept, sent and received)."""
         device = device or next(model.parameters()).device
         rec, window, batches = FastRecorder(device), Terms(device), iter(batches)
         hooks = {layer: window.forward_hook(name) for name, layer in self.layers.items()}
         with factor_memory_note(rec, layers, device), surgeon.frozen_with_hooks(model, hooks):
-            travelling = None
+            travelling = overlap = None
             while round_ := list(itertools.islice(batches, self.size)):
                 if self.rank < len(round_):
                     window.start_batch(round_[self.rank])
                     with torch.enable_grad():
                         surgeon.next_token_loss(model, round_[self.rank]).backward()
                     window.last = (None, None)
+                overlap = self.overlaps(window.terms, device) if overlap is None else overlap
                 sent = self.send_terms(window, round_, rec)
                 if travelling:
                     self.add_terms(*travelling, rec, device)
                 travelling = sent
+                if not overlap:
+                    self.add_terms(*travelling, rec, device)
+                    travelling = None
             if travelling:
                 self.add_terms(*travelling, rec, device)
         check_finite(factors := surgeon.assemble_factors(rec, layers))
         return factors
+
+    @staticmethod
+    def overlaps(terms: dict, device) -> bool:
+        """Whether the next round may run while this one's terms travel: the device keeps
+        KEEP_FREE of its memory free after twice this window's terms more."""
+        need = sum(z.numel() * z.element_size() for z in terms.values())
+        free_total = memory(device)
+        return free_total is not None and free_total[0] - 2 * need >= KEEP_FREE * free_total[1]
 
     def send_terms(self, window, round_, rec):
         """Starts the exchange of a round's terms: this rank's sent to the owners of the layers

@@ -101,6 +101,45 @@ def test_a_rank_without_a_window_still_sums_its_layers(tmp_path):
         assert all(torch.equal(a, b) for a, b in zip(got, model.parameters()))
 
 
+def overlap_or_not(rank, size, store, out):
+    """Rank 0 runs its next window while a round's terms travel, rank 1 adds them first."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=size)
+    scale.Ranks.overlaps = staticmethod(lambda terms, device: rank == 0)
+    try:
+        model = tiny_llama()
+        scale.prune(model, calib(n=5), Settings(sparsity=0.5, structure="unstructured", shots=2))
+        torch.save([p.detach() for p in model.parameters()], f"{out}.{rank}")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_the_exchange_overlapped_or_not_gives_the_single_process_weights(tmp_path):
+    """5 windows on 2 ranks (3 rounds, the last one window): a rank that overlaps the exchange
+    with the next round and one that does not, beside each other, bit for bit."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = tiny_llama()
+        scale.prune(model, calib(n=5), Settings(sparsity=0.5, structure="unstructured", shots=2))
+    finally:
+        torch.set_num_threads(threads)
+    mp.spawn(overlap_or_not, args=(2, str(tmp_path / "store"), str(tmp_path / "out")), nprocs=2)
+    for rank in range(2):
+        got = torch.load(tmp_path / f"out.{rank}")
+        assert all(torch.equal(a, b) for a, b in zip(got, model.parameters()))
+
+
+def test_rounds_overlap_where_twice_a_window_of_terms_leaves_a_quarter_free(monkeypatch):
+    terms = {("x", "a"): torch.zeros(1000, 250)}                         # 1 MB
+    for free, total, expected in ((3.0e6, 4e6, True), (2.9e6, 4e6, False)):
+        monkeypatch.setattr(scale, "memory", lambda device: (free, total))
+        assert scale.Ranks.overlaps(terms, torch.device("cpu")) is expected
+    monkeypatch.setattr(scale, "memory", lambda device: None)
+    assert not scale.Ranks.overlaps(terms, torch.device("cpu"))
+
+
 @pytest.mark.parametrize("size", [2, 3, 8])
 def test_layers_are_owned_in_contiguous_balanced_shares(monkeypatch, size):
     for name, value in (("is_initialized", True), ("get_world_size", size), ("get_rank", 1),

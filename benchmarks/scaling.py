@@ -87,18 +87,22 @@ def activation_bytes(seqlen, vocab, d, f, blocks, dtype_bytes):
 
 def terms_bytes(seqlen, widths, ranks):
     """Several ranks: one window's terms of every layer's sums (float32 labelled inputs, one per
-    input tensor, and output gradients) being recorded, and the round before's while they
-    travel: this rank's window's (until sent) and the others' that its layers read (until
-    added), 2 - 1/ranks windows' more. widths: (distinct input widths, output widths) of all
-    layers."""
-    window = 4 * (seqlen - 1) * (sum(widths[0]) + sum(widths[1]))
-    return 0 if ranks == 1 else round(window * (3 - 1 / ranks))
+    input tensor, and output gradients), which a rank holds while they are recorded and sent.
+    widths: (distinct input widths, output widths) of all layers."""
+    return 0 if ranks == 1 else 4 * (seqlen - 1) * (sum(widths[0]) + sum(widths[1]))
+
+
+def flight_bytes(terms, ranks):
+    """Where the rounds overlap (scale.Ranks.overlaps), the round before's terms in flight: this
+    rank's window's until sent, and the others' that its layers read until added."""
+    return round(terms * (2 - 1 / ranks))
 
 
 def peak_bytes(parts):
-    """The activations (and with ranks a window's terms) live during the curvature pass, the
-    costs and workspace after it."""
-    return parts["model"] + parts["factors"] + max(parts["activations"] + parts.get("terms", 0),
+    """The activations (and with ranks a window's terms, and the round in flight) live during the
+    curvature pass, the costs and workspace after it."""
+    return parts["model"] + parts["factors"] + max(parts["activations"] + parts.get("terms", 0)
+                                                    + parts.get("flight", 0),
                                                     parts["costs"] + parts["workspace"]
                                                     + parts.get("kept", 0))
 
@@ -133,13 +137,15 @@ def per_rank_bytes(name, ranks, dtype_bytes, structure, seqlen=2048):
     return parts
 
 
-def predict_folder(folder, dtype_bytes, structure, seqlen, ranks=1, keep_in=None):
+def predict_folder(folder, dtype_bytes, structure, seqlen, ranks=1, keep_in=None,
+                   overlap=False):
     """The memory model for a run of run_opt.py on the model in `folder` (its config alone, no
     weights): bytes of each part on the busiest rank, "runtime" (python, torch and transformers,
     measured here) included, and "peak". keep_in: LLM Surgeon on a device of that many bytes,
     which keeps the layers' quadratic models (float64 W~, A_inv, G_inv, the removed weights' bool
     mask; rows and columns also the float64 A, G of their forms) from the costs to the update
-    while a quarter of it stays free (scale.keeps), counted in "kept"."""
+    while a quarter of it stays free (scale.keeps), counted in "kept"; with overlap (ranks) the
+    round in flight where it leaves a quarter free (scale.Ranks.overlaps), counted in "flight"."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
     import scale
@@ -172,6 +178,10 @@ def predict_folder(folder, dtype_bytes, structure, seqlen, ranks=1, keep_in=None
     parts = {"runtime": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
              "model": sum(p.numel() for p in model.parameters()) * dtype_bytes, **worst,
              "activations": activations, "terms": terms_bytes(seqlen, widths, ranks), "kept": 0}
+    if keep_in and overlap and ranks > 1:              # scale.Ranks.overlaps, after a window
+        free = keep_in - parts["runtime"] - parts["model"] - parts["factors"] - parts["terms"]
+        if free - 2 * parts["terms"] >= 0.25 * keep_in:
+            parts["flight"] = flight_bytes(parts["terms"], ranks)
     if keep_in:
         room = 0.75 * keep_in - parts["runtime"] - peak_bytes(parts)
         for l in mine_of_busiest.values():
@@ -208,12 +218,13 @@ def model_table():
 
 
 KEEP = "2b4e0cf"          # the commit from which LLM Surgeon keeps quadratic models (scale.keeps)
+OVERLAP = "0862c22"       # from which ranks exchange a round's terms during the next one
 
 
-def keeps_models(commit):
-    """Whether a record's commit keeps the quadratic models: KEEP is among its ancestors."""
-    return bool(commit) and subprocess.run(["git", "merge-base", "--is-ancestor", KEEP, commit],
-                                           cwd=HERE, capture_output=True).returncode == 0
+def descends(commit, feature):
+    """Whether a record's commit has the commit `feature` (KEEP, OVERLAP) among its ancestors."""
+    return bool(commit) and subprocess.run(["git", "merge-base", "--is-ancestor", feature,
+                                            commit], cwd=HERE, capture_output=True).returncode == 0
 
 
 def total_memory():
@@ -233,15 +244,17 @@ def against(paths):
         cfg = r["settings"]
         size = {"float32": 4, "bfloat16": 2, "float16": 2}[r.get("model_dtype", "float32")]
         ranks = r["provenance"].get("world_size", 1)
-        keep_in = total_memory() if cfg["method"] == "surgeon" and keeps_models(
-            r["provenance"].get("commit")) else None
+        commit = r["provenance"].get("commit")
+        keep_in = total_memory() if cfg["method"] == "surgeon" and descends(commit, KEEP) \
+            else None
         parts = predict_folder(cfg["model"], size, cfg["structure"], cfg["seqlen"], ranks,
-                               keep_in)
+                               keep_in, descends(commit, OVERLAP))
         peaks = [max(p.values()) for p in r.get("peak_memory_mb_ranks", [r["peak_memory_mb"]])]
         measured, mib = max(peaks), {k: v / 2**20 for k, v in parts.items()}
         print(f"| {os.path.relpath(path)} | {measured:.0f} | {mib['peak']:.0f} | {mib['model']:.0f}, "
               f"{mib['factors']:.0f}, {mib['costs'] + mib['workspace'] + mib['kept']:.0f}, "
-              f"{mib['activations'] + mib['terms']:.0f} | {mib['peak'] / measured - 1:+.0%} |")
+              f"{mib['activations'] + mib['terms'] + mib.get('flight', 0):.0f} | "
+              f"{mib['peak'] / measured - 1:+.0%} |")
 
 
 def one(width, args):
