@@ -74,61 +74,42 @@ def test_ranks_give_the_single_process_weights_bit_for_bit(tmp_path, single, siz
             assert all(torch.equal(a, b) for a, b in zip(weights, want)), (rank, config)
 
 
-def few_windows(rank, size, store, out):
+def half_unstructured(windows):
+    """Tiny Llama's weights after 2 shots to 50% unstructured on `windows` windows."""
+    model = tiny_llama()
+    scale.prune(model, calib(n=windows), Settings(sparsity=0.5, structure="unstructured", shots=2))
+    return [p.detach() for p in model.parameters()]
+
+
+def few_windows(rank, size, store, out, windows, overlap_on):
+    """half_unstructured on each rank; the ranks in overlap_on overlap the terms' exchange
+    with the next round, the others add them first."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=size)
+    scale.Ranks.overlaps = staticmethod(lambda terms, device: rank in overlap_on)
     try:
-        model = tiny_llama()
-        scale.prune(model, calib(n=2), Settings(sparsity=0.5, structure="unstructured", shots=2))
-        torch.save([p.detach() for p in model.parameters()], f"{out}.{rank}")
+        torch.save(half_unstructured(windows), f"{out}.{rank}")
         dist.barrier()
     finally:
         dist.destroy_process_group()
 
 
-def test_a_rank_without_a_window_still_sums_its_layers(tmp_path):
-    """3 ranks, 2 calibration windows: rank 2 runs none, and owns layers all the same."""
+@pytest.mark.parametrize("size,windows,overlap_on", [(3, 2, (0, 1, 2)), (2, 5, (0,))])
+def test_few_windows_and_the_exchange_overlapped_or_not(tmp_path, size, windows, overlap_on):
+    """3 ranks, 2 calibration windows: rank 2 runs none, and owns layers all the same. 2 ranks,
+    5 windows (3 rounds, the last one window): rank 0 runs its next window while a round's
+    terms travel, rank 1 adds them first. Each the single process's weights bit for bit."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        model = tiny_llama()
-        scale.prune(model, calib(n=2), Settings(sparsity=0.5, structure="unstructured", shots=2))
+        want = half_unstructured(windows)
     finally:
         torch.set_num_threads(threads)
-    mp.spawn(few_windows, args=(3, str(tmp_path / "store"), str(tmp_path / "out")), nprocs=3)
-    for rank in range(3):
+    mp.spawn(few_windows, args=(size, str(tmp_path / "store"), str(tmp_path / "out"), windows,
+                                overlap_on), nprocs=size)
+    for rank in range(size):
         got = torch.load(tmp_path / f"out.{rank}")
-        assert all(torch.equal(a, b) for a, b in zip(got, model.parameters()))
-
-
-def overlap_or_not(rank, size, store, out):
-    """Rank 0 runs its next window while a round's terms travel, rank 1 adds them first."""
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=size)
-    scale.Ranks.overlaps = staticmethod(lambda terms, device: rank == 0)
-    try:
-        model = tiny_llama()
-        scale.prune(model, calib(n=5), Settings(sparsity=0.5, structure="unstructured", shots=2))
-        torch.save([p.detach() for p in model.parameters()], f"{out}.{rank}")
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-
-
-def test_the_exchange_overlapped_or_not_gives_the_single_process_weights(tmp_path):
-    """5 windows on 2 ranks (3 rounds, the last one window): a rank that overlaps the exchange
-    with the next round and one that does not, beside each other, bit for bit."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        model = tiny_llama()
-        scale.prune(model, calib(n=5), Settings(sparsity=0.5, structure="unstructured", shots=2))
-    finally:
-        torch.set_num_threads(threads)
-    mp.spawn(overlap_or_not, args=(2, str(tmp_path / "store"), str(tmp_path / "out")), nprocs=2)
-    for rank in range(2):
-        got = torch.load(tmp_path / f"out.{rank}")
-        assert all(torch.equal(a, b) for a, b in zip(got, model.parameters()))
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
 
 
 def test_rounds_overlap_where_twice_a_window_of_terms_leaves_a_quarter_free(monkeypatch):
