@@ -8,18 +8,13 @@ grid's records hold LLM Surgeon's own choice at 1, 2 and 5 shots.
     python benchmarks/choice.py --shots 2 --json benchmarks/records/studies/one-shot/kobd-choice-shots-2.json
 """
 import argparse
-import json
 import os
 import sys
 import time
 from types import SimpleNamespace
 
-import torch
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-sys.path.insert(0, ROOT)
-ASSETS = os.path.join(HERE, "assets")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.one_shot import PROTOCOL, grid_data, write_record  # noqa: E402
 
 
 def main():
@@ -49,11 +44,7 @@ def main():
             return factors
 
     start = run_opt.provenance()
-    model, tokenizer = run_opt.load(os.path.join(ASSETS, "smollm2-135m-instruct"))
-    protocol = SimpleNamespace(seqlen=512, eval_windows=64, nsamples=32, seed=0,
-                               test_file=os.path.join(ASSETS, "brown", "test.txt"),
-                               train_file=os.path.join(ASSETS, "brown", "train.txt"))
-    test, calib = run_opt.load_data(protocol, tokenizer, 8192)
+    model, test, calib = grid_data()
     settings = surgeon.Settings(sparsity=args.sparsity, structure="unstructured",
                                 shots=args.shots, method="surgeon", max_correlate=1)
     shots = []
@@ -66,18 +57,12 @@ def main():
     print(f"K-OBD's choice, LLM Surgeon's update, {args.shots} shots: sparsity "
           f"{report['sparsity']:.4f}  ppl {ppl:.4f}  ({seconds:.0f} s)", flush=True)
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump({"provenance": {**start, "end_load_average": os.getloadavg(),
-                                      "threads": torch.get_num_threads(),
-                                      "command": "python benchmarks/choice.py "
-                                                 + " ".join(sys.argv[1:])},
-                       "protocol": "grid: SmolLM2-135M-Instruct, 32 x 512 Brown train, seed 0, "
-                                   "64 x 512 Brown test",
-                       "settings": {"sparsity": args.sparsity, "shots": args.shots,
-                                    "choice": "kobd", "update": "surgeon", "max_correlate": 1},
-                       "ppl_pruned": ppl, "sparsity": report["sparsity"], "seconds": seconds,
-                       "shots": shots}, f, indent=1)
+        write_record(args.json, start, "choice.py",
+                     {"protocol": PROTOCOL, "settings": {"sparsity": args.sparsity,
+                                                         "shots": args.shots, "choice": "kobd",
+                                                         "update": "surgeon", "max_correlate": 1},
+                      "ppl_pruned": ppl, "sparsity": report["sparsity"], "seconds": seconds,
+                      "shots": shots})
 
 
 if __name__ == "__main__":

@@ -25,6 +25,29 @@ sys.path.insert(0, ROOT)
 ASSETS = os.path.join(HERE, "assets")
 
 
+PROTOCOL = "grid: SmolLM2-135M-Instruct, 32 x 512 Brown train, seed 0, 64 x 512 Brown test"
+
+
+def grid_data():
+    """The model, its test windows and its calibration windows, as the grid has them."""
+    import run_opt
+    model, tokenizer = run_opt.load(os.path.join(ASSETS, "smollm2-135m-instruct"))
+    protocol = SimpleNamespace(seqlen=512, eval_windows=64, nsamples=32, seed=0,
+                               test_file=os.path.join(ASSETS, "brown", "test.txt"),
+                               train_file=os.path.join(ASSETS, "brown", "train.txt"))
+    return (model, *run_opt.load_data(protocol, tokenizer, 8192))
+
+
+def write_record(path, start, script, fields):
+    """A study's record: its provenance (from run_opt.provenance() at the start) and fields."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({"provenance": {**start, "end_load_average": os.getloadavg(),
+                                  "threads": torch.get_num_threads(),
+                                  "command": f"python benchmarks/{script} "
+                                             + " ".join(sys.argv[1:])}, **fields}, f, indent=1)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sparsity", type=float, default=0.5)
@@ -53,11 +76,7 @@ def main():
             return [m.flatten() for m in self.masks]
 
     start = run_opt.provenance()
-    model, tokenizer = run_opt.load(os.path.join(ASSETS, "smollm2-135m-instruct"))
-    protocol = SimpleNamespace(seqlen=512, eval_windows=64, nsamples=32, seed=0,
-                               test_file=os.path.join(ASSETS, "brown", "test.txt"),
-                               train_file=os.path.join(ASSETS, "brown", "train.txt"))
-    test, calib = run_opt.load_data(protocol, tokenizer, 8192)
+    model, test, calib = grid_data()
     layers = surgeon.prunable_layers(model)
     dense = {n: (l.weight.detach().clone(), None if l.bias is None else l.bias.detach().clone())
              for n, l in layers.items()}
@@ -87,15 +106,9 @@ def main():
     kobd_masks = [layer.weight == 0 for layer in layers.values()]
     rows.append(run("kobd-then-update", "surgeon", Chosen(kobd_masks)))
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump({"provenance": {**start, "end_load_average": os.getloadavg(),
-                                      "threads": torch.get_num_threads(),
-                                      "command": "python benchmarks/one_shot.py "
-                                                 + " ".join(sys.argv[1:])},
-                       "protocol": "grid: SmolLM2-135M-Instruct, 32 x 512 Brown train, seed 0, "
-                                   "64 x 512 Brown test; one curvature pass on the dense model",
-                       "curvature_seconds": curvature, "variants": rows}, f, indent=1)
+        write_record(args.json, start, "one_shot.py",
+                     {"protocol": PROTOCOL + "; one curvature pass on the dense model",
+                      "curvature_seconds": curvature, "variants": rows})
 
 
 if __name__ == "__main__":
