@@ -456,14 +456,13 @@ class Ranks(Fast):
         torch.distributed.all_gather_object(said, ([(k, tuple(z.shape)) for k, z in
                                                     window.terms.items()], window.source))
         rec.source.update(said[0][1])
-        read = [[[(k, shape) for k, shape in said[r][0] if o in self.owners_of(k, rec.source)]
-                 for o in range(self.size)] for r in range(len(round_))]     # [sender][owner]
+        owners = {k: self.owners_of(k, rec.source) for terms, _ in said for k, _ in terms}
         sending = [(torch.distributed.isend(y, dst=o), y) for o in range(self.size)
-                   if o != self.rank and self.rank < len(round_)
-                   for k, _ in read[self.rank][o] for y in [window.terms[k].to(self.comm)]]
+                   if o != self.rank for k in window.terms if o in owners[k]
+                   for y in [window.terms[k].to(self.comm)]]
         terms = []                                         # each window's: (requests, terms, keys)
         for r in range(len(round_)):
-            keys = read[r][self.rank]
+            keys = [(k, shape) for k, shape in said[r][0] if self.rank in owners[k]]
             if r == self.rank:
                 terms.append(([], [window.terms[k] for k, _ in keys], keys))
             else:
