@@ -180,10 +180,10 @@ def predict_folder(folder, dtype_bytes, structure, seqlen, ranks=1, keep_in=None
              "activations": activations, "terms": terms_bytes(seqlen, widths, ranks), "kept": 0}
     if keep_in and overlap and ranks > 1:              # scale.Ranks.overlaps, after a window
         free = keep_in - parts["runtime"] - parts["model"] - parts["factors"] - parts["terms"]
-        if free - 2 * parts["terms"] >= 0.25 * keep_in:
+        if free - 2 * parts["terms"] >= scale.KEEP_FREE * keep_in:
             parts["flight"] = flight_bytes(parts["terms"], ranks)
     if keep_in:
-        room = 0.75 * keep_in - parts["runtime"] - peak_bytes(parts)
+        room = (1 - scale.KEEP_FREE) * keep_in - parts["runtime"] - peak_bytes(parts)
         for l in mine_of_busiest.values():
             m, k = l.out_features, l.in_features + (l.bias is not None)
             need = 9 * m * k + 8 * (k * k + m * m) * (2 if structure == "rowcol" else 1)
